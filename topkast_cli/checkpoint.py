@@ -1,0 +1,99 @@
+"""Checkpoints: written atomically, checked before use.
+
+A checkpoint is a `torch.save`d dict: format_version, step, epoch, config (plain dict),
+model (state_dict of the dense θ and all other parameters/buffers, under the names of the
+dense model), masks ({param: {"forward", "backward"}} bool tensors), sparsity (method state),
+optimizer, scheduler, scaler, rng, metrics. Only tensors and plain Python values are stored,
+so loading uses `weights_only=True` (a foreign file cannot run code).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "step", "config", "model", "masks")
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`:
+    a crash at any moment leaves either the previous complete file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
+    """Load and check a checkpoint; every problem is a one-line UserError naming `key`."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{key}={path}: no such file")
+    if p.is_dir():
+        raise UserError(f"{key}={path} is a directory; give the checkpoint file (e.g. {p / 'checkpoints' / 'last.ckpt'})")
+    if p.stat().st_size == 0:
+        raise UserError(f"{key}={path} is empty (an interrupted write?)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{key}={path} is truncated or not a checkpoint ({first[:120]})") from None
+    except Exception as e:  # e.g. an unpickling error from a foreign file
+        raise UserError(f"{key}={path} is not a topkast checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(k in state for k in REQUIRED_KEYS):
+        raise UserError(f"{key}={path} is not a topkast checkpoint (missing keys)")
+    if state["format_version"] != FORMAT_VERSION:
+        raise UserError(
+            f"{key}={path} has checkpoint format version {state['format_version']}; "
+            f"this version of topkast reads version {FORMAT_VERSION}"
+        )
+    return state
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

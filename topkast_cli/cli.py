@@ -1,0 +1,193 @@
+"""The `topkast` console script: `topkast train|eval|sweep [overrides...]`.
+
+Each command is a Hydra app over the one config tree in topkast_cli/conf. Before Hydra
+starts (and creates a run directory), the overrides are composed and validated here, so a
+mistake costs one line on stderr and exit code 2, and touches no file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__
+from .config import check_job, expand_sweep
+from .errors import UserError
+
+USAGE = """usage: topkast <command> [overrides...]
+
+commands:
+  train   train a model (default: Top-KAST 90/80 on MNIST-1D, offline, about a minute)
+  eval    evaluate a checkpoint's sparse network: topkast eval ckpt=PATH
+  sweep   Hydra multirun over sparsities, then a summary table and plot
+
+Overrides are Hydra's: key=value, group=option, +key=value; `topkast train --help` lists
+the config groups and the composed config. Exit codes: 0 done, 1 run failed,
+2 a mistake in the input, 130/143 interrupted (last.ckpt written)."""
+
+log = logging.getLogger("topkast")
+
+
+def fail(command: str, message: str, code: int = 2):
+    print(f"topkast {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _hydra_args(args: list[str]):
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    try:
+        return parser.parse_args(args)
+    except SystemExit:  # argparse already printed its usage line
+        raise SystemExit(2) from None
+
+
+def _set(overrides: list[str], key: str) -> str | None:
+    """Value of `key=...` among the overrides (the last one wins), else None."""
+    value = None
+    for o in overrides:
+        k, _, v = o.lstrip("+~").partition("=")
+        if k == key:
+            value = v
+    return value
+
+
+def _resume_overrides(overrides: list[str]) -> list[str]:
+    """Extra overrides for `resume=PATH`: those the run was started with (unless the user
+    sets the same key again), and, if PATH is that run's last.ckpt, its directory as
+    hydra.run.dir so the run continues in place. Resuming from another checkpoint (best.ckpt,
+    a copy) starts a new run directory and leaves the old run as it is."""
+    resume = _set(overrides, "resume")
+    if resume in (None, "", "null", "auto"):
+        return []
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise UserError(f"resume={resume}: no such file" if not path.exists() else f"resume={resume} is not a file")
+    run_dir = path.resolve().parent.parent
+    mine = {_key(o) for o in overrides}
+    extra = []
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if saved.is_file():
+        try:
+            extra = [str(o) for o in OmegaConf.load(saved) if _key(o) not in mine | {"resume", "hydra.run.dir"}]
+        except Exception:
+            extra = []
+    if path.name == "last.ckpt" and path.resolve().parent.name == "checkpoints" and "hydra.run.dir" not in mine:
+        extra.append(f"hydra.run.dir={run_dir}")
+    return extra
+
+
+def _key(override: str) -> str:
+    return str(override).lstrip("+~").partition("=")[0]
+
+
+def _check_run_dir(cfg: DictConfig) -> None:
+    """Refuse to start a fresh run in a directory that already holds one."""
+    try:
+        run_dir = Path(cfg.hydra.run.dir)
+    except Exception:
+        return
+    if cfg.get("resume") is None and (run_dir / "checkpoints" / "last.ckpt").exists():
+        raise UserError(
+            f"{run_dir} already holds a run (checkpoints/last.ckpt); continue it with resume=auto, "
+            "or choose another hydra.run.dir"
+        )
+
+
+def _writable(path: Path) -> None:
+    """The first existing parent of `path` must be writable."""
+    import os
+
+    p = path.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not os.access(p, os.W_OK):
+        raise UserError(f"output directory {path} is not writable (hydra.run.dir / hydra.sweep.dir)")
+
+
+def _launch(config_name: str, task, argv0: str, args: list[str]) -> None:
+    sys.argv = [argv0, *args]
+    hydra.main(config_path="conf", config_name=config_name, version_base="1.3")(task)()
+
+
+def _preflight(config_name: str, args: list[str]) -> list[str]:
+    """Compose and validate every job the arguments describe; return the arguments to give
+    Hydra (with the resume overrides added)."""
+    ns = _hydra_args(args)
+    if ns.help or ns.hydra_help or ns.info or ns.cfg or ns.shell_completion or ns.resolve:
+        return args  # Hydra prints something and exits: nothing to check
+    args = args + _resume_overrides(ns.overrides)
+    overrides = _hydra_args(args).overrides
+    name = ns.config_name or config_name
+    jobs = expand_sweep(overrides) if ns.multirun else [overrides]
+    for job in jobs:
+        cfg = check_job(name, job, ns.config_dir)
+        if ns.multirun:
+            _writable(Path(cfg.hydra.sweep.dir))
+        else:
+            _writable(Path(cfg.hydra.run.dir))
+            _check_run_dir(cfg)
+    return args
+
+
+# ------------------------------------------------------------------------- tasks
+def _in_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def _run_task(command: str, work, cfg: DictConfig):
+    """Run a job; in a sweep a failed job is logged and reported, not fatal to the sweep."""
+    try:
+        return work(cfg)
+    except UserError as e:
+        log.error("%s", e)
+        if _in_multirun():
+            return None
+        fail(command, str(e), e.exit_code)
+    except Exception:
+        if _in_multirun():
+            log.exception("job failed")
+            return None
+        raise
+
+
+def train_task(cfg: DictConfig):
+    from .train import train
+
+    return _run_task("train", lambda c: train(c, HydraConfig.get().runtime.output_dir), cfg)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_train(args: list[str]) -> None:
+    args = _preflight("train", args)
+    _launch("train", train_task, "topkast train", args)
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"topkast {__version__}")
+        return
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        fail("", f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}")
+    try:
+        COMMANDS[command](args)
+    except UserError as e:
+        fail(command, str(e), e.exit_code)

@@ -1,0 +1,1 @@
+"""Hydra config tree of topkast (shipped inside the package)."""

@@ -1,0 +1,176 @@
+"""Config composition and validation, before any work is done.
+
+`compose` builds the same config Hydra will (same search path, same overrides) without
+running anything, and turns Hydra/OmegaConf errors into one-line `UserError`s. `validate`
+checks the values; group-specific checks live in the constructors the config names, which
+`validate` runs once (they are cheap: nothing is loaded from disk).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import hydra.utils
+import torch
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import UserError
+
+CONFIG_MODULE = "pkg://topkast_cli.conf"
+PRECISIONS = ("32", "bf16", "fp16")
+
+
+# ---------------------------------------------------------------------- composition
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, MissingConfigException) and getattr(e, "options", None):
+        first = str(e).strip().splitlines()[0]
+        return f"{first.rstrip('.')}; available: {', '.join(sorted(e.options))}"
+    parts = []
+    for ex in (e, e.__cause__):
+        if ex is None:
+            continue
+        for line in str(ex).strip().splitlines():
+            line = line.strip()
+            if line and not line.startswith(("full_key", "object_type", "reference_type", "Config search path")):
+                if line not in parts:
+                    parts.append(line)
+    return " ".join(parts) or type(e).__name__
+
+
+def compose(config_name: str, overrides: list[str], config_dir: str | None = None) -> DictConfig:
+    """The config of one job (overrides without sweep syntax), with the `hydra` node."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    GlobalHydra.instance().clear()
+    search_path = create_config_search_path(CONFIG_MODULE)
+    if config_dir is not None:
+        path = os.path.abspath(config_dir)
+        if not os.path.isdir(path):
+            raise UserError(f"--config-dir {config_dir}: no such directory")
+        search_path.prepend(provider="command-line", path=f"file://{path}")
+    try:
+        app = Hydra.create_main_hydra2(task_name="topkast", config_search_path=search_path)
+        return app.compose_config(config_name, list(overrides), run_mode=RunMode.RUN, with_log_configuration=False)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise UserError(_one_line(e)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Every job's overrides for Hydra sweep syntax (`a=1,2 b=x,y` -> 4 jobs)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as e:
+        raise UserError(_one_line(e)) from None
+    choices = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if o.is_discrete_sweep():
+                choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+            else:
+                raise UserError(f"{o.input_line}: only discrete sweeps (a,b,c or range) are supported here")
+        else:
+            choices.append([o.input_line])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+# ------------------------------------------------------------------ instantiation
+def instantiate(node: DictConfig, group: str, *args, **kwargs):
+    """hydra.utils.instantiate, with the user's mistakes as one-line UserErrors."""
+    try:
+        return hydra.utils.instantiate(node, *args, _convert_="all", **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, (TypeError, ValueError)):
+            target = OmegaConf.select(node, "_target_", default="?")
+            raise UserError(f"{group} ({target}): {cause}") from None
+        raise
+    except OmegaConfBaseException as e:
+        raise UserError(f"{group}: {_one_line(e)}") from None
+
+
+# --------------------------------------------------------------------- validation
+def _check(key: str, value, kind: type, lo=None, hi=None, lo_open=False, none_ok=False):
+    if value is None and none_ok:
+        return
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    allowed = "an integer" if kind is int else "a number"
+    if lo is not None:
+        allowed += f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        allowed += f" and <= {hi}" if lo is not None else f" <= {hi}"
+    if none_ok:
+        allowed += " (or null)"
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        raise UserError(f"{key}={value!r} is not allowed; it must be {allowed}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise UserError for the first wrong value, naming its key and what is allowed."""
+    _check("seed", cfg.seed, int, lo=0)
+    t = cfg.trainer
+    _check("trainer.max_steps", t.max_steps, int, lo=1, none_ok=True)
+    _check("trainer.epochs", t.epochs, int, lo=1, none_ok=True)
+    if t.max_steps is None and t.epochs is None:
+        raise UserError("trainer.max_steps and trainer.epochs are both null; set one of them")
+    _check("trainer.eval_every", t.eval_every, int, lo=1, none_ok=True)
+    _check("trainer.log_every", t.log_every, int, lo=1)
+    _check("trainer.checkpoint_every", t.checkpoint_every, int, lo=1, none_ok=True)
+    _check("trainer.grad_clip", t.grad_clip, float, lo=0, lo_open=True, none_ok=True)
+    _check("trainer.label_smoothing", t.label_smoothing, float, lo=0, hi=0.99)
+    if str(t.precision) not in PRECISIONS:
+        raise UserError(f"trainer.precision={t.precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
+    if not isinstance(t.device, str) or not (t.device in ("auto", "cpu") or t.device.split(":")[0] in ("cuda", "mps")):
+        raise UserError(f"trainer.device={t.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    for key in ("deterministic", "progress", "tensorboard", "skip_nonfinite"):
+        if not isinstance(t[key], bool):
+            raise UserError(f"trainer.{key}={t[key]!r} must be true or false")
+    if cfg.resume is not None and not isinstance(cfg.resume, str):
+        raise UserError(f"resume={cfg.resume!r} must be a checkpoint path or auto")
+
+    opt = cfg.optimizer
+    _check("optimizer.lr", opt.lr, float, lo=0, lo_open=True)
+    _check("optimizer.weight_decay", opt.get("weight_decay", 0.0), float, lo=0)
+    if "momentum" in opt:
+        _check("optimizer.momentum", opt.momentum, float, lo=0, hi=1)
+    dummy = [torch.zeros(1, requires_grad=True)]
+    optimizer = instantiate(opt, "optimizer")
+    try:
+        optimizer = optimizer(dummy)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"optimizer ({opt._target_}): {e}") from None
+    instantiate(cfg.scheduler, "scheduler")(optimizer, total_steps=1)
+    instantiate(cfg.sparsity, "sparsity")
+    instantiate(cfg.dataset, "dataset")
+
+
+def check_job(config_name: str, overrides: list[str], config_dir: str | None = None) -> DictConfig:
+    cfg = compose(config_name, overrides, config_dir)
+    job = cfg.copy()
+    with open_dict(job):
+        del job["hydra"]
+    try:
+        validate(job)
+    except OmegaConfBaseException as e:  # e.g. an interpolation to a missing key
+        raise UserError(_one_line(e)) from None
+    return cfg

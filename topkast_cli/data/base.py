@@ -1,0 +1,91 @@
+"""DataModule: what the trainer needs from a dataset, and resumable epoch sampling."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import UserError
+
+
+class EpochSampler(Sampler):
+    """Shuffled indices for one epoch, from a generator seeded by (seed, epoch), starting at
+    `start`: a run resumed in the middle of an epoch sees exactly the remaining samples."""
+
+    def __init__(self, size: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True):
+        self.size, self.seed, self.epoch, self.start, self.shuffle = size, seed, epoch, start, shuffle
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.size, generator=g)
+
+    def __iter__(self):
+        return iter(self._order()[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
+def _check_positive_int(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{key}={value!r} must be an integer >= 1")
+    return value
+
+
+class DataModule:
+    """A train split and a held-out split (`val`: the dataset's validation or test set),
+    with the loaders the trainer iterates. Subclasses build `train_set` and `val_set` in
+    `setup()` and set `num_classes` and `input_shape` (per-sample shape, e.g. (3, 32, 32))."""
+
+    task = "classification"
+    num_classes: int
+    input_shape: tuple
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0):
+        self.batch_size = _check_positive_int("dataset.batch_size", batch_size)
+        self.eval_batch_size = _check_positive_int("dataset.eval_batch_size", eval_batch_size or batch_size)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise UserError(f"dataset.num_workers={num_workers!r} must be an integer >= 0")
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def setup(self) -> "DataModule":
+        """Load or generate the data (may read from disk); idempotent."""
+        raise NotImplementedError
+
+    def _loader(self, dataset, batch_size, sampler, drop_last, seed):
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+            # Worker seeds come from this generator, not from the global RNG.
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n = len(self.train_set) // self.batch_size
+        if n == 0:
+            raise UserError(
+                f"dataset.batch_size={self.batch_size} is larger than the training set ({len(self.train_set)} samples)"
+            )
+        return n
+
+    def train_loader(self, epoch: int, seed: int, start_batch: int = 0) -> DataLoader:
+        """Shuffled full batches of epoch `epoch`, from batch `start_batch` on."""
+        sampler = EpochSampler(len(self.train_set), seed, epoch, start_batch * self.batch_size)
+        return self._loader(self.train_set, self.batch_size, sampler, True, seed * 100_003 + epoch)
+
+    def eval_loader(self, split: str = "val") -> DataLoader:
+        dataset = {"val": self.val_set, "train": self.train_set}.get(split)
+        if dataset is None:
+            raise UserError(f"split={split!r} is not known; allowed: val, train")
+        sampler = EpochSampler(len(dataset), 0, 0, shuffle=False)
+        return self._loader(dataset, self.eval_batch_size, sampler, False, 0)

@@ -1,0 +1,134 @@
+"""Run outputs: append-only JSON-lines logs, TensorBoard scalars, atomic JSON files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file; a torn line (a crash mid-write) is skipped."""
+    records = []
+    p = Path(path)
+    if not p.is_file():
+        return records
+    with p.open() as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _clean(value):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class JsonlLog:
+    """Append-only JSON lines; each record is flushed so a kill loses at most the last line."""
+
+    def __init__(self, path: str | Path, truncate_after_step: int | None = None):
+        self.path = Path(path)
+        if truncate_after_step is not None:
+            self._drop_after(truncate_after_step)
+        self._file = self.path.open("a")
+
+    def _drop_after(self, step: int) -> None:
+        # On resume, records written after the checkpoint's step belong to a future that is
+        # about to be recomputed: keep the log a single consistent history.
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(_clean(record)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(_clean(data), f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLogs:
+    """metrics.jsonl, sparsity.jsonl and TensorBoard (tb/) of one run directory.
+
+    `resume_step` (when resuming) drops records after that step from the JSON logs and sets
+    TensorBoard's purge_step, so a resumed run has no duplicate or out-of-order points.
+    """
+
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl", resume_step)
+        self.sparsity = JsonlLog(self.run_dir / "sparsity.jsonl", resume_step)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step)
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.tb is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def log_metrics(self, step: int, split: str, values: dict) -> None:
+        self.metrics.write({"step": step, "split": split, **values})
+        self.scalars(split, values, step)
+
+    def log_sparsity(self, record: dict) -> None:
+        self.sparsity.write(record)
+        step = record["step"]
+        self.scalars("sparsity", {k: record[k] for k in ("forward_density", "backward_density")}, step)
+        layers = record.get("layers", {})
+        if layers:
+            churn = sum(l["churn"] * l["numel"] * l["forward_density"] for l in layers.values())
+            kept = sum(l["numel"] * l["forward_density"] for l in layers.values())
+            self.scalars("sparsity", {"churn": churn / max(kept, 1)}, step)
+        for name, layer in layers.items():
+            self.scalars(f"sparsity/{name}", {k: layer[k] for k in ("forward_density", "backward_density", "churn")}, step)
+
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.sparsity.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Console log handler that writes through tqdm, so log lines do not break the bar."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record))
+        except Exception:
+            self.handleError(record)

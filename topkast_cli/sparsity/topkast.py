@@ -1,0 +1,100 @@
+"""Top-KAST (Elsen et al., NeurIPS 2020): always-sparse training with a forward set A of the
+top-D |θ| and a larger backward set B ⊇ A that lets candidates earn their way into A."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from .base import SparseLayer, SparsityMethod
+from .topk import topk_masks
+
+
+class TopKAST(SparsityMethod):
+    """Per layer: A = top k_A by |θ|, B = top k_B by |θ| (one topk, so A ⊆ B).
+
+    - the layer computes with θ ⊙ 1_A; gradients reach exactly B (∂L/∂α on B),
+    - exploration regulariser instead of weight decay on θ: gradient λθ on A and λθ/D on
+      B \\ A (D = the layer's forward density), nothing outside B,
+    - A and B are recomputed from |θ| every `refresh_interval` steps while exploring,
+    - after `exploration_steps` steps (null: never) the masks lock: A is fixed, B = A.
+    """
+
+    name = "topkast"
+
+    def __init__(
+        self,
+        forward: float = 0.9,
+        backward: float | None = None,
+        refresh_interval: int = 100,
+        exploration_steps: int | None = None,
+        regularization: float = 0.0,
+        **selection,
+    ):
+        super().__init__(forward, backward, **selection)
+        if isinstance(refresh_interval, bool) or not isinstance(refresh_interval, int) or refresh_interval < 1:
+            raise UserError(f"sparsity.refresh_interval={refresh_interval!r} must be an integer >= 1")
+        if exploration_steps is not None and (
+            isinstance(exploration_steps, bool) or not isinstance(exploration_steps, int) or exploration_steps < 0
+        ):
+            raise UserError(f"sparsity.exploration_steps={exploration_steps!r} must be null or an integer >= 0")
+        if isinstance(regularization, bool) or not isinstance(regularization, (int, float)) or regularization < 0:
+            raise UserError(f"sparsity.regularization={regularization!r} must be a number >= 0")
+        self.refresh_interval = refresh_interval
+        self.exploration_steps = exploration_steps
+        self.regularization_scale = float(regularization)
+        self.locked = exploration_steps == 0
+
+    @property
+    def phase(self) -> str:
+        if not self.layers:
+            return "dense"
+        return "refine" if self.locked else "explore"
+
+    def initial_masks(self, layer: SparseLayer):
+        return self._top(layer)
+
+    def _top(self, layer: SparseLayer):
+        k_backward = layer.k_forward if self.locked else layer.k_backward
+        return topk_masks(layer.theta.detach().abs(), layer.k_forward, k_backward)
+
+    def set_masks(self, layer, forward, backward, optimizer=None):
+        super().set_masks(layer, forward, backward, optimizer)
+        # Per-entry regulariser weight: 1 on A, 1/D on B \ A, 0 elsewhere.
+        scale = forward.to(layer.theta.dtype)
+        scale.add_((backward & ~forward).to(scale.dtype), alpha=1.0 / layer.density)
+        layer.regularizer_scale = scale
+
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        if self.regularization_scale == 0.0:
+            return
+        for layer in self.layers:
+            theta = layer.theta
+            if theta.grad is not None:
+                theta.grad.addcmul_(theta, layer.regularizer_scale, value=self.regularization_scale)
+
+    @torch.no_grad()
+    def after_step(self, step: int, optimizer=None) -> bool:
+        if self.locked:
+            return False
+        if self.exploration_steps is not None and step >= self.exploration_steps:
+            self.locked = True  # refinement: A is fixed from now on and B = A
+        elif step % self.refresh_interval != 0:
+            return False
+        for layer in self.layers:
+            forward, backward = self._top(layer)
+            self.set_masks(layer, forward, backward, optimizer)
+        return True
+
+    @torch.no_grad()
+    def regularization(self) -> float:
+        """λ/2 · (Σ_A θ² + (1/D) Σ_{B\\A} θ²), summed over layers (its gradient is the one applied)."""
+        total = sum(float((l.theta.detach().square() * l.regularizer_scale).sum()) for l in self.layers)
+        return 0.5 * self.regularization_scale * total
+
+    def extra_state(self) -> dict:
+        return {"locked": self.locked}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.locked = bool(state.get("locked", self.locked))

@@ -1,0 +1,78 @@
+"""Task = loss + metric of a dataset. Classification now; a character LM (bpc) fits the same
+shape: `loss(output, target)`, `metrics(output, target)` summed over a batch, `finalize`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Classification:
+    metric = "acc1"
+    higher_is_better = True
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output, target, label_smoothing=self.label_smoothing)
+
+    @torch.no_grad()
+    def batch_sums(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-batch sums (kept on the device; summed over batches, then `finalize`d)."""
+        out = {
+            "loss": F.cross_entropy(output.float(), target, reduction="sum"),
+            "acc1": (output.argmax(1) == target).sum(),
+            "count": torch.tensor(target.numel(), device=target.device),
+        }
+        if output.shape[1] > 5:
+            top5 = output.topk(5, dim=1).indices
+            out["acc5"] = (top5 == target[:, None]).any(1).sum()
+        return out
+
+    @staticmethod
+    def finalize(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        n = max(1, int(sums["count"]))
+        return {k: float(v) / n * (100.0 if k.startswith("acc") else 1.0) for k, v in sums.items() if k != "count"}
+
+
+def accumulate(total: dict | None, batch: dict) -> dict:
+    if total is None:
+        return {k: v.detach().clone() for k, v in batch.items()}
+    for k, v in batch.items():
+        total[k] += v
+    return total
+
+
+TASKS = {"classification": Classification}
+
+
+def build_task(name: str, **kwargs):
+    return TASKS[name](**kwargs)
+
+
+@torch.no_grad()
+def evaluate(model, loader, task, device, autocast=None, progress: bool = False, desc: str = "eval") -> dict:
+    """Task metrics of `model` (in eval mode) over a loader; the model's mode is restored."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    total = None
+    try:
+        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast() if autocast else _null():
+                out = model(x)
+            total = accumulate(total, task.batch_sums(out, y))
+    finally:
+        model.train(was_training)
+    return task.finalize(total) if total else {}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
