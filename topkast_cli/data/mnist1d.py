@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ class MNIST1D(DataModule):
             if cache is not None:
                 try:
                     cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache.with_suffix(".tmp")
+                    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
                     torch.save(data, tmp)
                     tmp.replace(cache)
                 except OSError:
