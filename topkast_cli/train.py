@@ -350,6 +350,7 @@ def summarize(run: Run, status: str, wall: float, start_step: int, error: str | 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train as `cfg` says, writing into `run_dir`; returns the summary."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run = build(cfg, run_dir)
     ckpt = resume_path(cfg, run_dir)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .distribution import DISTRIBUTIONS, backward_count, layer_counts
+from .distribution import DISTRIBUTIONS, backward_counts, layer_counts
 from .masking import MaskedWeight, attach, dense_parameter, named_masked_weights
 from .selection import select_sparse_layers
 
@@ -120,7 +120,7 @@ class SparsityMethod:
         names = [f"{n}.weight" if n else "weight" for n, _ in chosen]
         shapes = {pname: tuple(m.weight.shape) for pname, (_, m) in zip(names, chosen)}
         k_forward = layer_counts(shapes, self.density, self.distribution)
-        ratio = self.backward_density / self.density
+        k_backward = backward_counts(shapes, k_forward, self.density, self.backward_density, self.distribution)
         for pname, (name, module) in zip(names, chosen):
             numel, k = module.weight.numel(), k_forward[pname]
             if k == 0:
@@ -130,7 +130,7 @@ class SparsityMethod:
                 )
             theta = module.weight
             empty = torch.zeros(theta.shape, dtype=torch.bool, device=theta.device)
-            layer = SparseLayer(pname, module, attach(module), k, backward_count(numel, k, ratio), empty, empty)
+            layer = SparseLayer(pname, module, attach(module), k, k_backward[pname], empty, empty)
             self.layers.append(layer)
         for layer in self.layers:
             forward, backward = self.initial_masks(layer)

@@ -51,7 +51,16 @@ def _round_to_total(exact: dict[str, float], cap: dict[str, int], total: int) ->
     return counts
 
 
-def backward_count(numel: int, k_forward: int, ratio: float) -> int:
-    """Backward-set size for a layer with k_forward nonzeros: the global ratio (D+M)/D kept
-    per layer, capped at the layer size, never below k_forward."""
-    return max(k_forward, min(numel, round(k_forward * ratio)))
+def backward_counts(shapes: dict[str, tuple], k_forward: dict[str, int], density: float,
+                    backward_density: float, distribution: str) -> dict[str, int]:
+    """Backward-set size per layer. uniform: round(backward_density * numel). erk: the global
+    ratio (D+M)/D kept per layer, capped at the layer size. Never below k_forward."""
+    counts = {}
+    for name, shape in shapes.items():
+        numel, k = math.prod(shape), k_forward[name]
+        if distribution == "uniform":
+            kb = round(backward_density * numel)
+        else:
+            kb = min(numel, round(k * backward_density / density))
+        counts[name] = max(k, kb)
+    return counts
