@@ -281,18 +281,34 @@ def test_digits_split_is_stratified_and_deterministic():
 
 
 # ------------------------------------------------------------------ resumable epochs
-@pytest.mark.parametrize("overrides", [["dataset=synthetic", "dataset.train_size=40"], ["dataset=digits"]])
-def test_train_loader_resumes_mid_epoch_exactly(overrides):
-    data = dataset([*overrides, "dataset.batch_size=8"]).setup()
+@pytest.mark.parametrize("name", ["synthetic", "digits", "cifar10"])
+def test_train_loader_resumes_mid_epoch_exactly(name, tmp_path, no_cifar_checksums):
+    """Also with random augmentation (CIFAR): it is seeded per sample, not by the global RNG."""
+    overrides = prepare(name, tmp_path) + ["dataset.batch_size=8"]
+    if name == "synthetic":
+        overrides.append("dataset.train_size=40")
+    data = dataset([f"dataset={name}", *overrides]).setup()
+    rng = torch.get_rng_state()
     full = batches(data.train_loader(epoch=2, seed=5))
+    assert torch.equal(torch.get_rng_state(), rng)  # loading leaves the global RNG alone
     assert len(full) == data.steps_per_epoch
     for start in (1, len(full) // 2, len(full) - 1):
+        torch.manual_seed(start)  # whatever the global RNG state at resume
         rest = batches(data.train_loader(epoch=2, seed=5, start_batch=start))
         assert len(rest) == len(full) - start
         for (x, y), (x2, y2) in zip(full[start:], rest):
             assert torch.equal(x, x2) and torch.equal(y, y2)
     other_epoch = batches(data.train_loader(epoch=3, seed=5))
     assert not torch.equal(full[0][1], other_epoch[0][1])
+
+
+def test_augmentation_does_not_depend_on_workers(tmp_path, no_cifar_checksums):
+    write_cifar(tmp_path, torchvision.datasets.CIFAR10)
+    data = dataset(["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.batch_size=8", "dataset.num_workers=0"]).setup()
+    alone = batches(data.train_loader(epoch=0, seed=1, start_batch=1))
+    data.num_workers = 2
+    with_workers = batches(data.train_loader(epoch=0, seed=1, start_batch=1))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(alone, with_workers)) and len(alone) == len(with_workers) == 4
 
 
 # ------------------------------------------------------------------------ training

@@ -53,6 +53,7 @@ class ImageFolderData(DataModule):
         self.root, self.expected_classes, self.image_size = root, num_classes, image_size
         self.crop_fraction, self.augment, self.mean, self.std = crop_fraction, augment, tuple(mean), tuple(std)
         self.train_dir, self.val_dir = train_dir, val_dir
+        self.random_train_transform = augment
         self.input_shape = (3, image_size, image_size)
         self.num_classes = num_classes
 

@@ -36,6 +36,7 @@ class TorchvisionImages(DataModule):
         if not isinstance(root, str) or not root:
             raise UserError(f"dataset.root={root!r} must be a directory path")
         self.root, self.download, self.augment = root, download, augment
+        self.random_train_transform = augment
 
     def transforms(self, train: bool) -> v2.Compose:
         ops = [v2.ToImage()]
