@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from . import config
 from .checkpoint import FORMAT_VERSION, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import RunFailed, UserError
 from .run_logs import RunLogs, write_json_atomic
@@ -113,7 +114,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     device = resolve_device(cfg.trainer.device)
     data = instantiate(cfg.dataset, _convert_="all").setup()
     seed_everything(cfg.seed, cfg.trainer.deterministic)  # after data: generators may reseed
-    model = instantiate(cfg.model, num_classes=data.num_classes, input_shape=tuple(data.input_shape), _convert_="all")
+    # (config.instantiate: a model constructor's UserError stays one line)
+    model = config.instantiate(cfg.model, "model", num_classes=data.num_classes, input_shape=tuple(data.input_shape))
     model = model.to(device)
     method = instantiate(cfg.sparsity, _convert_="all").attach(model)
     optimizer = build_optimizer(instantiate(cfg.optimizer, _convert_="all"), model, method)

@@ -1,5 +1,10 @@
-"""Datasets: each config in conf/dataset/ names a DataModule class with `_target_`."""
+"""Datasets: each config in conf/dataset/ names a DataModule class with `_target_`.
 
-from .base import DataModule, EpochSampler
+mnist1d.py (generated locally), digits.py (scikit-learn's 8x8 digits), synthetic.py
+(random tensors for speed runs), vision.py (torchvision's CIFAR-10/100, MNIST,
+Fashion-MNIST), imagefolder.py (ImageNet and any train/ + val/ folder of class folders).
+"""
 
-__all__ = ["DataModule", "EpochSampler"]
+from .base import DataModule, EpochSampler, SeededSamples
+
+__all__ = ["DataModule", "EpochSampler", "SeededSamples"]

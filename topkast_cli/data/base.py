@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -28,6 +29,25 @@ class EpochSampler(Sampler):
         return self.size - self.start
 
 
+class SeededSamples(Dataset):
+    """Sample i of epoch e is loaded with torch's RNG seeded from (seed, e, i), so random
+    augmentation is the same whichever worker loads it and wherever a run resumes; the
+    caller's RNG state is left as it was."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        # torch's CPU generator keeps 32 bits of a seed: mix the three numbers into 32 bits.
+        (sample_seed,) = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(sample_seed))
+            return self.dataset[index]
+
+
 def _check_positive_int(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{key}={value!r} must be an integer >= 1")
@@ -42,6 +62,7 @@ class DataModule:
     task = "classification"
     num_classes: int
     input_shape: tuple
+    random_train_transform = False  # True: train samples are augmented (see SeededSamples)
 
     def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0):
         self.batch_size = _check_positive_int("dataset.batch_size", batch_size)
@@ -81,7 +102,8 @@ class DataModule:
     def train_loader(self, epoch: int, seed: int, start_batch: int = 0) -> DataLoader:
         """Shuffled full batches of epoch `epoch`, from batch `start_batch` on."""
         sampler = EpochSampler(len(self.train_set), seed, epoch, start_batch * self.batch_size)
-        return self._loader(self.train_set, self.batch_size, sampler, True, seed * 100_003 + epoch)
+        dataset = SeededSamples(self.train_set, seed, epoch) if self.random_train_transform else self.train_set
+        return self._loader(dataset, self.batch_size, sampler, True, seed * 100_003 + epoch)
 
     def eval_loader(self, split: str = "val") -> DataLoader:
         dataset = {"val": self.val_set, "train": self.train_set}.get(split)
