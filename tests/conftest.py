@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf, open_dict
 
 from topkast_cli.config import compose
+
+# Small tensors: one thread is faster than two, and keeps parallel test jobs from fighting.
+torch.set_num_threads(1)
 
 # A run that takes seconds: few steps on a small MNIST-1D.
 TINY = [
@@ -51,5 +55,5 @@ def topkast_script() -> str:
 def run_topkast(args, cwd, timeout=600, env=None, module=False) -> subprocess.CompletedProcess:
     """Run `topkast args...` (or `python -m topkast_cli`) in `cwd`; output captured."""
     cmd = [sys.executable, "-m", "topkast_cli", *args] if module else [topkast_script(), *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -8,18 +8,20 @@ import torch
 def topk_masks(scores: torch.Tensor, k_forward: int, k_backward: int):
     """Boolean masks of the k_forward and k_backward largest scores.
 
-    One `torch.topk` for both sets, so ties are broken the same way in both: the forward
-    set is a prefix of the backward set (A ⊆ B) and each holds exactly k entries, whatever
-    the ties (a threshold or quantile would not; quantile also fails above 2^24 elements).
+    A is taken from within B (a top-k over B's scores), so ties are broken consistently:
+    A ⊆ B, and each holds exactly k entries whatever the ties (a threshold or quantile would
+    not; quantile also fails above 2^24 elements). Unsorted top-k keeps this cheap on
+    large layers.
     """
     if not 0 <= k_forward <= k_backward <= scores.numel():
         raise ValueError(f"need 0 <= k_forward ({k_forward}) <= k_backward ({k_backward}) <= {scores.numel()}")
     flat = scores.reshape(-1)
-    idx = torch.topk(flat, k_backward, sorted=True).indices
+    backward_idx = torch.topk(flat, k_backward, sorted=False).indices
+    forward_idx = backward_idx[torch.topk(flat[backward_idx], k_forward, sorted=False).indices]
     forward = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     backward = torch.zeros_like(forward)
-    forward[idx[:k_forward]] = True
-    backward[idx] = True
+    forward[forward_idx] = True
+    backward[backward_idx] = True
     return forward.view_as(scores), backward.view_as(scores)
 
 
