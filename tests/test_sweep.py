@@ -180,3 +180,31 @@ def test_launcher_plugins_run_a_two_job_sweep(tmp_path, launcher):
     table = rows(tmp_path)
     assert [(r["forward_sparsity"], r["status"]) for r in table] == [("0.5", "completed"), ("0.9", "completed")]
     assert all((tmp_path / name).is_file() for name in FILES)
+
+
+def test_slurm_preset_makes_a_valid_sbatch_script(tmp_path, monkeypatch):
+    """conf/hydra/launcher/slurm.yaml, turned into submitit parameters the way the submitit
+    launcher does, gives the sbatch header we document (no cluster needed: a fake srun)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    from topkast_cli.config import compose
+
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    cfg = compose("sweep", ["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/sweep", "hydra.launcher.partition=gpu"])
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params["_target_"].endswith("SlurmLauncher")
+    executor = submitit.AutoExecutor(cluster="slurm", folder=params["submitit_folder"],
+                                     slurm_max_num_timeout=params["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{
+        k if k in base else f"slurm_{k}": v
+        for k, v in params.items() if k not in ("_target_", "submitit_folder", "max_num_timeout")
+    })
+    script = executor._executor._make_submission_file_text("python -u job.py", "uid")
+    for line in ("--partition=gpu", "--time=240", "--signal=USR2@120", "--gpus-per-node=1", "--job-name=train"):
+        assert f"#SBATCH {line}" in script
+    assert executor._executor.max_num_timeout == 5
