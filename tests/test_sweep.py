@@ -53,7 +53,7 @@ def test_sweep_writes_one_row_per_run(sweep):
     assert all(r["status"] == "completed" and r["steps"] == "6" for r in table)
     assert abs(float(table[2]["sparse_density"]) - 0.1) < 1e-3
     # each job's directory is named by its swept value only
-    assert sorted(r["job"] for r in table) == ["sparsity.forward=0.0", "sparsity.forward=0.5", "sparsity.forward=0.9"]
+    assert sorted(r["job"] for r in table) == ["sparsity.forward-0.0", "sparsity.forward-0.5", "sparsity.forward-0.9"]
     md = (root / "summary.md").read_text()
     assert md.count("| topkast |") == 2 and md.count("| dense |") == 1 and "final acc1" in md
     assert "| method |" in result.stdout  # the table is printed
@@ -65,7 +65,7 @@ def test_each_run_has_its_hparams_in_its_own_tensorboard_file(sweep):
 
     root, _ = sweep
     for forward in ("0.0", "0.5", "0.9"):
-        tb = root / f"sparsity.forward={forward}" / "tb"
+        tb = root / f"sparsity.forward-{forward}" / "tb"
         assert [p.name for p in tb.iterdir() if p.is_dir()] == []  # no add_hparams sub-run
         events = EventAccumulator(str(tb))
         events.Reload()
@@ -77,6 +77,15 @@ def test_each_run_has_its_hparams_in_its_own_tensorboard_file(sweep):
         metrics = [m.name.tag for m in experiment.metric_infos]
         assert "val/acc1" in metrics and all(m in events.Tags()["scalars"] for m in metrics)
         assert metadata.SESSION_END_INFO_TAG in content
+
+
+def test_a_sweep_jobs_checkpoint_evaluates_by_its_plain_path(sweep, capsys):
+    root, _ = sweep
+    final = {r["job"]: float(r["final"]) for r in rows(root)}["sparsity.forward-0.9"]
+    main(["eval", f"ckpt={root}/sparsity.forward-0.9/checkpoints/last.ckpt", "eval.progress=false"])
+    report = json.loads((root / "sparsity.forward-0.9" / "checkpoints" / "last.eval.json").read_text())
+    assert report["metrics"]["acc1"] == pytest.approx(final)
+    assert "sparse network α" in capsys.readouterr().out
 
 
 def test_summarize_rebuilds_without_training(sweep, capsys):
@@ -110,7 +119,7 @@ def test_a_failing_job_is_a_failed_row_and_exit_1(tmp_path):
     table = {r["forward_sparsity"]: r for r in rows(tmp_path)}
     assert table["0.9"]["status"] == "completed"
     assert table["0.9999"]["status"] == "failed" and "leaves layer" in table["0.9999"]["error"]
-    assert not (tmp_path / "sparsity.forward=0.9999" / "summary.json").exists()
+    assert not (tmp_path / "sparsity.forward-0.9999" / "summary.json").exists()
     md = (tmp_path / "summary.md").read_text()
     assert "| failed |" in md and "leaves layer" in md
     assert (tmp_path / "accuracy_vs_sparsity.png").is_file()
@@ -148,7 +157,7 @@ def test_rerun_continues_each_job_from_its_last_checkpoint(tmp_path, capsys):
     """A sweep killed mid-job, re-run with the same command (fixed hydra.sweep.dir,
     resume=auto), continues the killed job from its last.ckpt and runs the others."""
     args = ["sweep", "sparsity.forward=0.5,0.9", *QUICK, "trainer.max_steps=12", f"hydra.sweep.dir={tmp_path}", "resume=auto"]
-    first = tmp_path / "sparsity.forward=0.5"
+    first = tmp_path / "sparsity.forward-0.5"
     proc = subprocess.Popen([topkast_script(), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy())
     try:
