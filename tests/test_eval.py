@@ -124,6 +124,7 @@ def other_version(tmp_path, run):
         (lambda t, r: r / "checkpoints" / "last.ckpt", ["eval.batch_size=0"], "eval.batch_size=0"),
         (lambda t, r: r / "checkpoints" / "last.ckpt", ["eval.nope=1"], "nope"),
         (lambda t, r: None, [], "ckpt=PATH is required"),
+        (lambda t, r: t / "a=b" / "last.ckpt", [], "quote a path"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, make, args, expect):

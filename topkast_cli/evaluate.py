@@ -285,14 +285,28 @@ def eval_task(cfg: DictConfig):
     return _run_task("eval", evaluate_checkpoint, cfg)
 
 
+def _ckpt(overrides: list[str]) -> str | None:
+    """The value of ckpt=... as Hydra will read it (quotes removed)."""
+    value = None
+    for text in overrides:
+        if text.startswith("ckpt="):
+            try:
+                value = OverridesParser.create().parse_overrides([text])[0].value()
+            except Exception:
+                if any(c in text[5:] for c in "=,"):
+                    raise UserError(f"{text}: quote a path that holds '=' or ',': 'ckpt=\"{text[5:]}\"'") from None
+                raise UserError(f"{text}: not a valid path") from None
+    return None if value is None else str(value)
+
+
 def cmd_eval(args: list[str]) -> None:
-    from .cli import _hydra_args, _launch, _preflight, _set
+    from .cli import _hydra_args, _launch, _preflight
 
     ns = _hydra_args(args)
     if not (ns.help or ns.hydra_help or ns.info or ns.cfg or ns.shell_completion or ns.resolve):
         if ns.multirun:
             raise UserError("eval evaluates one checkpoint; --multirun is not supported")
-        ckpt = _set(ns.overrides, "ckpt")
+        ckpt = _ckpt(ns.overrides)
         if ckpt in (None, "", "???"):
             raise UserError("ckpt=PATH is required, e.g. topkast eval ckpt=runs/train/<run>/checkpoints/best.ckpt")
         mapped = checkpoint_overrides(ns.overrides, load(ckpt)["config"])
