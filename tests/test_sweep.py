@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -100,6 +101,20 @@ def test_summarize_rebuilds_without_training(sweep, capsys):
     (root / "summary.md").unlink()
     main(["sweep", f"summarize={root}"])
     assert (root / "summary.md").is_file()
+
+
+def test_summarize_reports_unfinished_and_missing_jobs(sweep, tmp_path):
+    root, _ = sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("*.ckpt", "tb"))
+    (copy / "sparsity.forward-0.5" / "summary.json").unlink()  # killed mid-run
+    shutil.rmtree(copy / "sparsity.forward-0.9")  # never started
+    with pytest.raises(SystemExit) as exit:
+        main(["sweep", "--summarize", str(copy)])
+    assert exit.value.code == 1
+    status = {r["overrides"].split()[0]: r["status"] for r in rows(copy)}
+    assert status == {"sparsity.forward=0.0": "completed", "sparsity.forward=0.5": "incomplete",
+                      "sparsity.forward=0.9": "missing"}
 
 
 def test_summarize_of_a_non_sweep_directory_is_exit_2(tmp_path, capsys):

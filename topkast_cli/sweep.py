@@ -5,8 +5,9 @@ the command line's, as Hydra's basic sweeper merges them). When the jobs end, th
 `SweepSummary` callback reads each job's summary.json and writes at the sweep root:
 summary.csv (one row per job), summary.md (one row per setting, mean ± std over seeds) and
 accuracy_vs_sparsity.png. A job that failed is a row marked failed, also when it failed before
-writing its summary.json (its error is taken from its log); a job that never started is a row
-marked missing. The command exits with 1 if any job did not complete.
+writing its summary.json (its error is taken from its log); a job directory without a
+summary.json or an error is "incomplete" (running, or killed), and a job that never started
+is a row marked missing. The command exits with 1 if any job did not complete.
 
 `topkast sweep --summarize DIR` (or `summarize=DIR`) rebuilds the summary of a sweep directory
 without training.
@@ -146,8 +147,8 @@ def job_row(job_dir: Path, root: Path) -> dict:
         )
     else:
         row["error"] = _log_error(job_dir)
-        if row["error"]:
-            row["status"] = "failed"
+        row["status"] = "failed" if row["error"] else "incomplete"
+        row["error"] = row["error"] or "no summary.json: still running, or killed"
     if row["method"] == "dense":
         row["backward_setting"] = "-"
     return row
