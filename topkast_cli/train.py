@@ -351,6 +351,8 @@ def hparams(cfg: DictConfig, method: SparsityMethod) -> dict:
     """The run's hyperparameters for TensorBoard's HPARAMS view (flat, scalar values)."""
     flat = {"seed": cfg.seed, "method": method.name if method.layers else "dense"}
     for section in ("model", "dataset", "sparsity", "optimizer", "scheduler"):
+        if not isinstance(cfg.get(section), DictConfig):
+            continue
         node = OmegaConf.to_container(cfg[section], resolve=True)
         flat[section] = str(node.get("_target_", "")).rsplit(".", 1)[-1]
         for key, value in node.items():
