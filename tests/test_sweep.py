@@ -195,9 +195,10 @@ def test_rerun_continues_each_job_from_its_last_checkpoint(tmp_path, capsys):
     assert [r["status"] for r in rows(tmp_path)] == ["completed", "completed"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", [["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
-                                      ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]])
+@pytest.mark.parametrize("launcher", [
+    ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+    pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], marks=pytest.mark.slow),
+], ids=["submitit_local", "joblib"])
 def test_launcher_plugins_run_a_two_job_sweep(tmp_path, launcher):
     result = run_topkast(["sweep", "sparsity.forward=0.5,0.9", *QUICK, *launcher, f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
