@@ -88,16 +88,19 @@ def _key(override: str) -> str:
     return str(override).lstrip("+~").partition("=")[0]
 
 
-def _check_run_dir(cfg: DictConfig) -> None:
+def _check_run_dir(cfg: DictConfig, multirun: bool = False) -> None:
     """Refuse to start a fresh run in a directory that already holds one."""
-    try:
-        run_dir = Path(cfg.hydra.run.dir)
+    if "resume" not in cfg:  # not a training config
+        return
+    try:  # a sweep job's directory is known here if its subdir does not use hydra.job.num
+        run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir) if multirun else Path(cfg.hydra.run.dir)
     except Exception:
         return
     if cfg.get("resume") is None and (run_dir / "checkpoints" / "last.ckpt").exists():
+        what = "the sweep" if multirun else "it"
         raise UserError(
-            f"{run_dir} already holds a run (checkpoints/last.ckpt); continue it with resume=auto, "
-            "or choose another hydra.run.dir"
+            f"{run_dir} already holds a run (checkpoints/last.ckpt); continue {what} with resume=auto, "
+            f"or choose another {'hydra.sweep.dir' if multirun else 'hydra.run.dir'}"
         )
 
 
@@ -117,9 +120,9 @@ def _launch(config_name: str, task, argv0: str, args: list[str]) -> None:
     hydra.main(config_path="conf", config_name=config_name, version_base="1.3")(task)()
 
 
-def _preflight(config_name: str, args: list[str]) -> list[str]:
-    """Compose and validate every job the arguments describe; return the arguments to give
-    Hydra (with the resume overrides added)."""
+def _preflight(config_name: str, args: list[str], check=check_job) -> list[str]:
+    """Compose and validate (`check`) every job the arguments describe; return the arguments
+    to give Hydra (with the resume overrides added)."""
     ns = _hydra_args(args)
     if ns.help or ns.hydra_help or ns.info or ns.cfg or ns.shell_completion or ns.resolve:
         return args  # Hydra prints something and exits: nothing to check
@@ -128,9 +131,10 @@ def _preflight(config_name: str, args: list[str]) -> list[str]:
     name = ns.config_name or config_name
     jobs = expand_sweep(overrides) if ns.multirun else [overrides]
     for job in jobs:
-        cfg = check_job(name, job, ns.config_dir)
+        cfg = check(name, job, ns.config_dir)
         if ns.multirun:
             _writable(Path(cfg.hydra.sweep.dir))
+            _check_run_dir(cfg, multirun=True)
         else:
             _writable(Path(cfg.hydra.run.dir))
             _check_run_dir(cfg)
@@ -173,7 +177,19 @@ def cmd_train(args: list[str]) -> None:
     _launch("train", train_task, "topkast train", args)
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_eval(args: list[str]) -> None:
+    from .evaluate import cmd_eval as run
+
+    run(args)
+
+
+def cmd_sweep(args: list[str]) -> None:
+    from .sweep import cmd_sweep as run
+
+    run(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,6 +113,28 @@ class RunLogs:
         for name, layer in layers.items():
             self.scalars(f"sparsity/{name}", {k: layer[k] for k in ("forward_density", "backward_density", "churn")}, step)
 
+    def log_hparams(self, hparams: dict, metrics: list[str]) -> None:
+        """Hyperparameters for TensorBoard's HPARAMS view, written into this run's own event
+        file (`add_hparams` would put them in a separate sub-run): the metric columns are
+        this run's scalar tags, shown at their latest value."""
+        if self.tb is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        experiment, start, _ = hparams_summaries(values, {m: 0.0 for m in metrics})
+        writer = self.tb._get_file_writer()
+        writer.add_summary(experiment)
+        writer.add_summary(start)
+
+    def end_hparams(self) -> None:
+        """Mark the run's HPARAMS session as finished successfully."""
+        if self.tb is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        self.tb._get_file_writer().add_summary(hparams_summaries({}, {})[2])
+
     def flush(self) -> None:
         if self.tb is not None:
             self.tb.flush()

@@ -349,6 +349,22 @@ def summarize(run: Run, status: str, wall: float, start_step: int, error: str | 
     return summary
 
 
+def hparams(cfg: DictConfig, method: SparsityMethod) -> dict:
+    """The run's hyperparameters for TensorBoard's HPARAMS view (flat, scalar values)."""
+    flat = {"seed": cfg.seed, "method": method.name if method.layers else "dense"}
+    for section in ("model", "dataset", "sparsity", "optimizer", "scheduler"):
+        if not isinstance(cfg.get(section), DictConfig):
+            continue
+        node = OmegaConf.to_container(cfg[section], resolve=True)
+        flat[section] = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+        for key, value in node.items():
+            if not key.startswith("_") and key not in ("root", "num_workers"):
+                flat[f"{section}.{key}"] = value
+    flat["sparsity.forward"], flat["sparsity.backward"] = method.forward_sparsity, method.backward_sparsity
+    flat["trainer.max_steps"], flat["trainer.epochs"] = cfg.trainer.max_steps, cfg.trainer.epochs
+    return flat
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train as `cfg` says, writing into `run_dir`; returns the summary."""
     run_dir = Path(run_dir)
@@ -376,6 +392,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     try:
         if ckpt is None:
             logs.log_sparsity(m.report(run.step))
+            logs.log_hparams(hparams(cfg, m), [f"val/{run.task.metric}", "val/loss", "train/loss"])
         with StopSignals() as stop:
             status = fit(run, logs, stop)
         logs.log_sparsity(m.report(run.step))
@@ -387,6 +404,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     finally:
         summary = summarize(run, status, time.perf_counter() - t0, start_step, error)
         write_json_atomic(run_dir / "summary.json", summary)
+        if status == "completed":
+            logs.end_hparams()
         logs.close()
     final, best = summary["final"], summary["best"]
     if final:
