@@ -23,9 +23,13 @@ def test_config_groups_exist():
     assert {"model", "dataset", "sparsity", "optimizer", "scheduler", "trainer"} <= groups
 
 
+# Options with a mandatory value (`???`) the user must give.
+REQUIRED = {("dataset", "imagefolder"): ["dataset.root=some/folder"]}
+
+
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group, option):
-    cfg = make_config([f"{group}={option}"])
+    cfg = make_config([f"{group}={option}", *REQUIRED.get((group, option), [])])
     assert cfg[group] is not None
     validate(cfg)
 
@@ -56,3 +60,10 @@ def test_overrides_reach_the_objects():
     assert method.forward_sparsity == 0.95 and method.refresh_interval == 7
     assert abs(method.backward_sparsity - 0.9) < 1e-9, "backward null: density 2x forward"
     assert cfg.optimizer.lr == 0.003
+
+
+def test_a_missing_mandatory_value_is_named():
+    from topkast_cli.errors import UserError
+
+    with pytest.raises(UserError, match=r"dataset.root is required"):
+        validate(make_config(["dataset=imagefolder"]))

@@ -15,7 +15,7 @@ import hydra.utils
 import torch
 from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from .errors import UserError
 
@@ -99,6 +99,9 @@ def instantiate(node: DictConfig, group: str, *args, **kwargs):
             target = OmegaConf.select(node, "_target_", default="?")
             raise UserError(f"{group} ({target}): {cause}") from None
         raise
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or group
+        raise UserError(f"{key} is required here: add {key}=...") from None
     except OmegaConfBaseException as e:
         raise UserError(f"{group}: {_one_line(e)}") from None
 

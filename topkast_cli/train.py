@@ -100,6 +100,12 @@ class Run:
     best: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
     skipped_steps: int = 0
+    wall_before: float = 0.0  # seconds spent in earlier segments of a resumed run
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def wall_time(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
 
     @property
     def ckpt_dir(self) -> Path:
@@ -143,7 +149,12 @@ def checkpoint_state(run: Run) -> dict:
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "rng": rng_state(),
-        "metrics": {"best": run.best, "last": run.last_eval, "skipped_steps": run.skipped_steps},
+        "metrics": {
+            "best": run.best,
+            "last": run.last_eval,
+            "skipped_steps": run.skipped_steps,
+            "wall_time_s": run.wall_time,
+        },
     }
 
 
@@ -193,6 +204,7 @@ def restore(run: Run, path: Path) -> None:
     metrics = ckpt.get("metrics") or {}
     run.best, run.last_eval = metrics.get("best") or {}, metrics.get("last") or {}
     run.skipped_steps = int(metrics.get("skipped_steps", 0))
+    run.wall_before = float(metrics.get("wall_time_s", 0.0))
 
 
 # ------------------------------------------------------------------------- signals
@@ -324,7 +336,8 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
     return "completed"
 
 
-def summarize(run: Run, status: str, wall: float, start_step: int, error: str | None = None) -> dict:
+def summarize(run: Run, status: str, segment_wall: float, start_step: int, error: str | None = None) -> dict:
+    """summary.json: wall time is the whole run's (all resumed segments), speed this segment's."""
     m = run.method
     density = measured_density(run.model)
     summary = {
@@ -336,8 +349,8 @@ def summarize(run: Run, status: str, wall: float, start_step: int, error: str | 
         "step": run.step,
         "total_steps": run.total_steps,
         "epochs": run.epoch,
-        "wall_time_s": wall,
-        "steps_per_sec": (run.step - start_step) / max(wall, 1e-9),
+        "wall_time_s": run.wall_time,
+        "steps_per_sec": (run.step - start_step) / max(segment_wall, 1e-9),
         "final": run.last_eval,
         "best": run.best,
         "density": density,
@@ -371,6 +384,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run = build(cfg, run_dir)
+    run.started = t0  # wall time includes building (data generation/loading)
     ckpt = resume_path(cfg, run_dir)
     if ckpt is not None:
         restore(run, ckpt)
@@ -395,7 +409,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             logs.log_hparams(hparams(cfg, m), [f"val/{run.task.metric}", "val/loss", "train/loss"])
         with StopSignals() as stop:
             status = fit(run, logs, stop)
-        logs.log_sparsity(m.report(run.step))
+        if run.step > start_step:  # (a resumed run that was already complete adds nothing)
+            logs.log_sparsity(m.report(run.step))
         return_code = 0 if status == "completed" else 128 + (stop.received or 0)
     except BaseException as e:
         error = str(e).splitlines()[0] if str(e) else type(e).__name__
