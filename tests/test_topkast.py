@@ -150,6 +150,7 @@ def test_reenters_with_stored_theta():
         ({"forward": 0.8, "backward": 0.9}, "above sparsity.forward"),
         ({"refresh_interval": 0}, "refresh_interval"),
         ({"exploration_steps": -1}, "exploration_steps"),
+        ({"exploration_steps": 1.5}, "exploration_steps"),
         ({"regularization": -1.0}, "regularization"),
         ({"distribution": "banana"}, "distribution"),
     ],
@@ -177,3 +178,13 @@ def test_state_dict_round_trip():
     assert other.phase == method.phase == "refine"
     for a, b in zip(method.layers, other.layers):
         assert torch.equal(a.forward, b.forward) and torch.equal(a.backward, b.backward)
+
+
+def test_exploration_as_a_fraction_of_the_run():
+    method = TopKAST(0.8, 0.6, refresh_interval=2, exploration_steps=0.5).attach(net(), total_steps=20)
+    assert method.exploration_steps == 10
+    model = net()
+    method = TopKAST(0.8, 0.6, refresh_interval=2, exploration_steps=0.5).attach(model, total_steps=20)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    changed_at = [i + 1 for i in range(20) if step(model, method, opt, i)]
+    assert changed_at == [2, 4, 6, 8, 10] and method.phase == "refine"

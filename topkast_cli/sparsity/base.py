@@ -69,6 +69,22 @@ def _check_fraction(key: str, value, upper_open: bool = True) -> float:
     return float(value)
 
 
+def check_steps(key: str, value):
+    """A schedule point: null, a step count >= 0, or a fraction 0 < x < 1 of the run."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        return value
+    raise UserError(f"{key}={value!r} must be null, a step count >= 0, or a fraction of the run in (0, 1)")
+
+
+def resolve_steps(value, total_steps: int | None) -> int | None:
+    """Steps for a value of `check_steps`; a fraction needs the run's length (else None)."""
+    if isinstance(value, float):
+        return round(value * total_steps) if total_steps is not None else None
+    return value
+
+
 class SparsityMethod:
     """Base class. Subclasses set `name` and override `initial_masks` and the hooks."""
 
@@ -110,10 +126,13 @@ class SparsityMethod:
     def backward_density(self) -> float:
         return 1.0 - self.backward_sparsity
 
-    def attach(self, model: nn.Module) -> "SparsityMethod":
+    def attach(self, model: nn.Module, total_steps: int | None = None) -> "SparsityMethod":
         """Choose the sparse layers of `model`, size their sets and set the first masks.
         Call after moving the model to its device and before building the optimizer.
+        `total_steps` (the run's length) turns schedule points given as fractions into steps.
         At forward sparsity 0 every method is dense training: nothing is attached."""
+        self.total_steps = total_steps
+        self.resolve_schedule(total_steps)
         if self.forward_sparsity == 0.0:
             return self
         chosen = select_sparse_layers(model, self.dense_first, self.dense_layers, self.include_embeddings)
@@ -137,6 +156,9 @@ class SparsityMethod:
             self.set_masks(layer, forward, backward)
             layer.churn = 0.0
         return self
+
+    def resolve_schedule(self, total_steps: int | None) -> None:
+        """Turn the method's schedule points into step counts (see `resolve_steps`)."""
 
     def initial_masks(self, layer: SparseLayer) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

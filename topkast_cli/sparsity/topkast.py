@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .base import SparseLayer, SparsityMethod
+from .base import SparseLayer, SparsityMethod, check_steps, resolve_steps
 from .topk import topk_masks
 
 
@@ -17,7 +17,8 @@ class TopKAST(SparsityMethod):
     - exploration regulariser instead of weight decay on θ: gradient λθ on A and λθ/D on
       B \\ A (D = the layer's forward density), nothing outside B,
     - A and B are recomputed from |θ| every `refresh_interval` steps while exploring,
-    - after `exploration_steps` steps (null: never) the masks lock: A is fixed, B = A.
+    - after `exploration_steps` steps (a count, or a fraction of the run; null: never) the
+      masks lock: A is fixed, B = A (refinement).
     """
 
     name = "topkast"
@@ -34,16 +35,16 @@ class TopKAST(SparsityMethod):
         super().__init__(forward, backward, **selection)
         if isinstance(refresh_interval, bool) or not isinstance(refresh_interval, int) or refresh_interval < 1:
             raise UserError(f"sparsity.refresh_interval={refresh_interval!r} must be an integer >= 1")
-        if exploration_steps is not None and (
-            isinstance(exploration_steps, bool) or not isinstance(exploration_steps, int) or exploration_steps < 0
-        ):
-            raise UserError(f"sparsity.exploration_steps={exploration_steps!r} must be null or an integer >= 0")
+        self.exploration = check_steps("sparsity.exploration_steps", exploration_steps)
         if isinstance(regularization, bool) or not isinstance(regularization, (int, float)) or regularization < 0:
             raise UserError(f"sparsity.regularization={regularization!r} must be a number >= 0")
         self.refresh_interval = refresh_interval
-        self.exploration_steps = exploration_steps
         self.regularization_scale = float(regularization)
-        self.locked = exploration_steps == 0
+        self.resolve_schedule(None)
+
+    def resolve_schedule(self, total_steps):
+        self.exploration_steps = resolve_steps(self.exploration, total_steps)
+        self.locked = self.exploration_steps == 0
 
     @property
     def phase(self) -> str:
