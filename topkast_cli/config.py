@@ -138,6 +138,7 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("trainer.max_steps and trainer.epochs are both null; set one of them")
     _check("trainer.eval_every", t.eval_every, int, lo=1, none_ok=True)
     _check("trainer.log_every", t.log_every, int, lo=1)
+    _check("trainer.threads", t.get("threads"), int, lo=1, none_ok=True)
     _check("trainer.checkpoint_every", t.checkpoint_every, int, lo=1, none_ok=True)
     _check("trainer.grad_clip", t.grad_clip, float, lo=0, lo_open=True, none_ok=True)
     _check("trainer.label_smoothing", t.label_smoothing, float, lo=0, hi=0.99)

@@ -117,6 +117,8 @@ class Run:
 
 
 def build(cfg: DictConfig, run_dir: Path) -> Run:
+    if cfg.trainer.get("threads"):
+        torch.set_num_threads(cfg.trainer.threads)
     device = resolve_device(cfg.trainer.device)
     data = instantiate(cfg.dataset, _convert_="all").setup()
     seed_everything(cfg.seed, cfg.trainer.deterministic)  # after data: generators may reseed
