@@ -21,7 +21,9 @@ def test_console_script_writes_the_run_directory_contract(tmp_path):
 
     sparsity = read_jsonl(run_dir / "sparsity.jsonl")
     assert sparsity[0]["step"] == 0 and sparsity[-1]["step"] == 20
-    assert {r["phase"] for r in sparsity} == {"explore"}
+    # exploration_steps=0.8 of 20 steps: masks lock at step 16 (B = A from then on).
+    assert sparsity[0]["phase"] == "explore" and sparsity[-1]["phase"] == "refine"
+    assert abs(sparsity[-1]["backward_density"] - sparsity[-1]["forward_density"]) < 1e-9
     first = sparsity[0]
     assert abs(first["forward_density"] - 0.1) < 0.01 and abs(first["backward_density"] - 0.2) < 0.01
     layer = next(iter(first["layers"].values()))
