@@ -85,3 +85,20 @@ def test_resume_is_exact(tmp_path):
     assert metrics_a == metrics_b
     # The interrupted run logged an extra end-of-run record at step 12; otherwise the same.
     assert [r for r in sparsity_b if r["step"] != 12] == [r for r in sparsity_a if r["step"] != 12]
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    summary = train(make_config([*TINY, "trainer.precision=bf16", "trainer.tensorboard=false"]), tmp_path)
+    assert summary["status"] == "completed" and summary["final"]["loss"] < 10
+
+
+def test_fp16_needs_cuda(tmp_path):
+    import pytest
+    import torch
+
+    from topkast_cli.errors import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        train(make_config([*TINY, "trainer.precision=fp16"]), tmp_path)
