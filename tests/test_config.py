@@ -23,13 +23,18 @@ def test_config_groups_exist():
     assert {"model", "dataset", "sparsity", "optimizer", "scheduler", "trainer"} <= groups
 
 
-# Options with a mandatory value (`???`) the user must give.
-REQUIRED = {("dataset", "imagefolder"): ["dataset.root=some/folder"]}
+# Options with a mandatory value (`???`) the user must give, and image models, which need
+# an image dataset (the default is the 1-D MNIST-1D).
+IMAGE_MODELS = ("resnet18", "resnet50", "wrn22_2", "wrn28_10", "vgg16")
+REQUIRED = {("model", m): ["dataset=synthetic"] for m in IMAGE_MODELS}
+REQUIRED.update({("dataset", d): ["model=mlp"] for d in ("synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "digits")})
+REQUIRED[("dataset", "imagefolder")] = ["model=mlp", "dataset.root={tmp}"]
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_validates(group, option):
-    cfg = make_config([f"{group}={option}", *REQUIRED.get((group, option), [])])
+def test_every_option_composes_and_validates(group, option, tmp_path):
+    extra = [o.format(tmp=tmp_path) for o in REQUIRED.get((group, option), [])]
+    cfg = make_config([f"{group}={option}", *extra])
     assert cfg[group] is not None
     validate(cfg)
 

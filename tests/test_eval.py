@@ -116,7 +116,7 @@ def other_version(tmp_path, run):
     "make, args, expect",
     [
         (lambda t, r: t / "missing.ckpt", [], "no such file"),
-        (truncated, [], "truncated or not a checkpoint"),
+        (truncated, [], "is truncated"),
         (foreign, [], "not a topkast checkpoint"),
         (text_file, [], "not a topkast checkpoint"),
         (other_version, [], "format version 99"),

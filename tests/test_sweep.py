@@ -126,17 +126,18 @@ def test_summarize_of_a_non_sweep_directory_is_exit_2(tmp_path, capsys):
 
 
 def test_a_failing_job_is_a_failed_row_and_exit_1(tmp_path):
-    # 0.9999 passes the config checks but leaves a layer with no weight when the model is
-    # built: the job fails before writing its summary.json.
+    # lr=1e30 passes the config checks but the job diverges at run time (its summary.json
+    # says failed, with the reason).
     with pytest.raises(SystemExit) as exit:
-        main(["sweep", "sparsity.forward=0.9,0.9999", *QUICK, f"hydra.sweep.dir={tmp_path}"])
+        main(["sweep", "sparsity.forward=0.9", "optimizer=sgd", "optimizer.lr=0.05,1e30", *QUICK,
+              f"hydra.sweep.dir={tmp_path}"])
     assert exit.value.code == 1
-    table = {r["forward_sparsity"]: r for r in rows(tmp_path)}
-    assert table["0.9"]["status"] == "completed"
-    assert table["0.9999"]["status"] == "failed" and "leaves layer" in table["0.9999"]["error"]
-    assert not (tmp_path / "sparsity.forward-0.9999" / "summary.json").exists()
+    table = {r["job"]: r for r in rows(tmp_path)}
+    good, bad = table["optimizer.lr-0.05"], table["optimizer.lr-1e+30"]
+    assert good["status"] == "completed"
+    assert bad["status"] == "failed" and "the loss is nan" in bad["error"]
     md = (tmp_path / "summary.md").read_text()
-    assert "| failed |" in md and "leaves layer" in md
+    assert "| failed |" in md and "the loss is nan" in md
     assert (tmp_path / "accuracy_vs_sparsity.png").is_file()
 
 

@@ -10,6 +10,7 @@ so loading uses `weights_only=True` (a foreign file cannot run code).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import zipfile
 from pathlib import Path
@@ -48,27 +49,38 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         pass
 
 
-def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
-    """Load and check a checkpoint; every problem is a one-line UserError naming `key`."""
+def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict:
+    """Load and check a checkpoint; every problem is a one-line UserError naming `key`.
+    `mmap=True` maps the tensors instead of reading them (a cheap check before a run)."""
     p = Path(path).expanduser()
+    where = f"{key}={path}"
     if not p.exists():
-        raise UserError(f"{key}={path}: no such file")
+        raise UserError(f"{where}: no such file")
     if p.is_dir():
-        raise UserError(f"{key}={path} is a directory; give the checkpoint file (e.g. {p / 'checkpoints' / 'last.ckpt'})")
-    if p.stat().st_size == 0:
-        raise UserError(f"{key}={path} is empty (an interrupted write?)")
+        raise UserError(f"{where} is a directory; give the checkpoint file (e.g. {p / 'checkpoints' / 'last.ckpt'})")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        with p.open("rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise UserError(f"{where} cannot be read: {e.strerror or e}") from None
+    if not head:
+        raise UserError(f"{where} is empty (an interrupted write?); resume from another checkpoint")
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise UserError(f"{where} is not a topkast checkpoint (not a file written by torch.save)")
+    if not zipfile.is_zipfile(p):  # the zip directory is at the end: a cut file has none
+        raise UserError(f"{where} is truncated (an interrupted write or copy?); use another checkpoint")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise UserError(f"{where} is not a topkast checkpoint (it holds objects that are not tensors or plain values)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{key}={path} is truncated or not a checkpoint ({first[:120]})") from None
-    except Exception as e:  # e.g. an unpickling error from a foreign file
-        raise UserError(f"{key}={path} is not a topkast checkpoint ({type(e).__name__})") from None
+        raise UserError(f"{where} is corrupt or not a checkpoint ({first[:100]})") from None
     if not isinstance(state, dict) or not all(k in state for k in REQUIRED_KEYS):
-        raise UserError(f"{key}={path} is not a topkast checkpoint (missing keys)")
+        raise UserError(f"{where} is not a topkast checkpoint (it lacks {', '.join(REQUIRED_KEYS)})")
     if state["format_version"] != FORMAT_VERSION:
         raise UserError(
-            f"{key}={path} has checkpoint format version {state['format_version']}; "
+            f"{where} has checkpoint format version {state['format_version']!r}; "
             f"this version of topkast reads version {FORMAT_VERSION}"
         )
     return state

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import __version__
-from .config import check_job, expand_sweep
+from .config import check_job, check_optimizer, expand_sweep, without_hydra
 from .errors import UserError
 
 USAGE = """usage: topkast <command> [overrides...]
@@ -69,7 +70,7 @@ def _resume_overrides(overrides: list[str]) -> list[str]:
         return []
     path = Path(resume).expanduser()
     if not path.is_file():
-        raise UserError(f"resume={resume}: no such file" if not path.exists() else f"resume={resume} is not a file")
+        return []  # the preflight check says what is wrong with it
     run_dir = path.resolve().parent.parent
     mine = {_key(o) for o in overrides}
     extra = []
@@ -88,31 +89,36 @@ def _key(override: str) -> str:
     return str(override).lstrip("+~").partition("=")[0]
 
 
-def _check_run_dir(cfg: DictConfig, multirun: bool = False) -> None:
-    """Refuse to start a fresh run in a directory that already holds one."""
-    if "resume" not in cfg:  # not a training config
+def _check_run_dir(run_dir: Path, job: DictConfig, multirun: bool = False) -> None:
+    """Refuse to start a fresh run in a directory that already holds one, and check what a
+    resumed run would load, before Hydra writes into the directory."""
+    from .train import check_resume, holds_run
+
+    if "resume" not in job:  # not a training config
         return
-    try:  # a sweep job's directory is known here if its subdir does not use hydra.job.num
-        run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir) if multirun else Path(cfg.hydra.run.dir)
-    except Exception:
-        return
-    if cfg.get("resume") is None and (run_dir / "checkpoints" / "last.ckpt").exists():
-        what = "the sweep" if multirun else "it"
-        raise UserError(
-            f"{run_dir} already holds a run (checkpoints/last.ckpt); continue {what} with resume=auto, "
-            f"or choose another {'hydra.sweep.dir' if multirun else 'hydra.run.dir'}"
-        )
+    if job.resume is None and holds_run(run_dir):
+        what, key = ("the sweep", "hydra.sweep.dir") if multirun else ("it", "hydra.run.dir")
+        raise UserError(f"{run_dir} already holds a run; continue {what} with resume=auto, or choose another {key}")
+    check_resume(job, run_dir)
 
 
-def _writable(path: Path) -> None:
-    """The first existing parent of `path` must be writable."""
+def _writable(path: Path, key: str) -> None:
+    """`path` must be a directory we can create or write to. (Checked by trying: as root,
+    permission bits do not stop writes, but a path under a regular file or a read-only
+    file system still fails.)"""
     import os
+    import tempfile
 
-    p = path.resolve()
+    p = Path(os.path.abspath(path.expanduser()))
     while not p.exists() and p != p.parent:
         p = p.parent
-    if not os.access(p, os.W_OK):
-        raise UserError(f"output directory {path} is not writable (hydra.run.dir / hydra.sweep.dir)")
+    if not p.is_dir():
+        raise UserError(f"{key}={path} is not a writable directory: {p} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise UserError(f"{key}={path} is not writable: {p}: {e.strerror or e}") from None
 
 
 def _launch(config_name: str, task, argv0: str, args: list[str]) -> None:
@@ -120,7 +126,15 @@ def _launch(config_name: str, task, argv0: str, args: list[str]) -> None:
     hydra.main(config_path="conf", config_name=config_name, version_base="1.3")(task)()
 
 
-def _preflight(config_name: str, args: list[str], check=check_job) -> list[str]:
+def _job_dir(cfg: DictConfig) -> Path | None:
+    """A sweep job's directory, when its subdir does not depend on the job number."""
+    try:
+        return Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
+    except Exception:
+        return None
+
+
+def _preflight(config_name: str, args: list[str], check=partial(check_job, optimizer=False)) -> list[str]:
     """Compose and validate (`check`) every job the arguments describe; return the arguments
     to give Hydra (with the resume overrides added)."""
     ns = _hydra_args(args)
@@ -132,12 +146,17 @@ def _preflight(config_name: str, args: list[str], check=check_job) -> list[str]:
     jobs = expand_sweep(overrides) if ns.multirun else [overrides]
     for job in jobs:
         cfg = check(name, job, ns.config_dir)
+        job_cfg = without_hydra(cfg)
         if ns.multirun:
-            _writable(Path(cfg.hydra.sweep.dir))
-            _check_run_dir(cfg, multirun=True)
+            _writable(Path(cfg.hydra.sweep.dir), "hydra.sweep.dir")
+            job_dir = _job_dir(cfg)
+            if job_dir is not None:
+                _check_run_dir(job_dir, job_cfg, multirun=True)
         else:
-            _writable(Path(cfg.hydra.run.dir))
-            _check_run_dir(cfg)
+            _writable(Path(cfg.hydra.run.dir), "hydra.run.dir")
+            _check_run_dir(Path(cfg.hydra.run.dir), job_cfg)
+        if "optimizer" in job_cfg:
+            check_optimizer(job_cfg)  # last: the slowest check
     return args
 
 
@@ -207,3 +226,5 @@ def main(argv: list[str] | None = None) -> None:
         COMMANDS[command](args)
     except UserError as e:
         fail(command, str(e), e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started (once it runs, train handles it)
+        fail(command, "interrupted", 130)

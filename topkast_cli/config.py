@@ -9,11 +9,14 @@ checks the values; group-specific checks live in the constructors the config nam
 from __future__ import annotations
 
 import itertools
+import math
+import re
 import os
+import warnings
 
 import hydra.utils
 import torch
-from hydra.errors import HydraException, InstantiationException, MissingConfigException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -58,9 +61,45 @@ def compose(config_name: str, overrides: list[str], config_dir: str | None = Non
         app = Hydra.create_main_hydra2(task_name="topkast", config_search_path=search_path)
         return app.compose_config(config_name, list(overrides), run_mode=RunMode.RUN, with_log_configuration=False)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise UserError(_one_line(e)) from None
+        message = _one_line(e)
+        if isinstance(e, OverrideParseException):
+            message = _bad_override(overrides) or message
+        unknown = re.match(r"Could not override '([^']+)'", message)
+        if unknown and "not in" in message:
+            message = _unknown_key(config_name, overrides, config_dir, unknown.group(1)) or message
+        raise UserError(message) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _bad_override(overrides: list[str]) -> str | None:
+    """Which override Hydra's grammar rejects, and why, in one line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_override(o)
+        except HydraException as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            reason = re.sub(r"\s*(None|LexerNoViableAltException\(.*\))$", "", reason).strip() or "unexpected text"
+            return f"override {o!r} cannot be parsed: {reason} (key=value; quote values with special characters)"
+    return None
+
+
+def _unknown_key(config_name: str, overrides: list[str], config_dir: str | None, key: str) -> str | None:
+    """'a.b.c is not a config key' with the keys `a.b` has, or None if that cannot be told."""
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    parent, _, name = key.rpartition(".")
+    try:
+        node = compose(config_name, rest, config_dir)
+        node = OmegaConf.select(node, parent) if parent else node
+    except UserError:
+        return None
+    if not isinstance(node, DictConfig):
+        return None
+    keys = ", ".join(k for k in node.keys() if not str(k).startswith("_") and (parent or k != "hydra"))
+    return f"{key} is not a config key; {parent or 'the config'} has: {keys} (to add a new key: +{key}=...)"
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -95,8 +134,10 @@ def instantiate(node: DictConfig, group: str, *args, **kwargs):
             cause = cause.__cause__
         if isinstance(cause, UserError):
             raise cause from None
-        if isinstance(cause, (TypeError, ValueError)):
-            target = OmegaConf.select(node, "_target_", default="?")
+        target = OmegaConf.select(node, "_target_", default="?")
+        if str(e).startswith("Error locating target"):
+            raise UserError(f"{group}._target_={target}: no such class or function (check the spelling)") from None
+        if isinstance(cause, (TypeError, ValueError, ImportError)):
             raise UserError(f"{group} ({target}): {cause}") from None
         raise
     except MissingMandatoryValue as e:
@@ -120,6 +161,8 @@ def _check(key: str, value, kind: type, lo=None, hi=None, lo_open=False, none_ok
         allowed += f" and <= {hi}" if lo is not None else f" <= {hi}"
     if none_ok:
         allowed += " (or null)"
+    if ok and kind is float and not math.isfinite(value):
+        ok = False
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:
@@ -128,9 +171,10 @@ def _check(key: str, value, kind: type, lo=None, hi=None, lo_open=False, none_ok
         raise UserError(f"{key}={value!r} is not allowed; it must be {allowed}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise UserError for the first wrong value, naming its key and what is allowed."""
-    _check("seed", cfg.seed, int, lo=0)
+def validate(cfg: DictConfig, optimizer: bool = True) -> None:
+    """Raise UserError for the first wrong value, naming its key and what is allowed.
+    `optimizer=False` leaves out `check_optimizer` (the slowest check)."""
+    _check("seed", cfg.seed, int, lo=0, hi=2**32 - 1)
     t = cfg.trainer
     _check("trainer.max_steps", t.max_steps, int, lo=1, none_ok=True)
     _check("trainer.epochs", t.epochs, int, lo=1, none_ok=True)
@@ -157,6 +201,22 @@ def validate(cfg: DictConfig) -> None:
     _check("optimizer.weight_decay", opt.get("weight_decay", 0.0), float, lo=0)
     if "momentum" in opt:
         _check("optimizer.momentum", opt.momentum, float, lo=0, hi=1)
+
+    method = instantiate(cfg.sparsity, "sparsity")
+    data = instantiate(cfg.dataset, "dataset")
+    data.check()
+    model = meta_model(cfg, data)
+    if model is not None and method.forward_sparsity > 0:
+        method.plan(model)  # dense-layer patterns that match nothing, layers left with no weight
+
+    if optimizer:
+        check_optimizer(cfg)
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Build the optimizer and schedule for a dummy parameter: torch's own argument checks.
+    (The first optimizer built in a process imports torch._dynamo: about two seconds.)"""
+    opt = cfg.optimizer
     dummy = [torch.zeros(1, requires_grad=True)]
     optimizer = instantiate(opt, "optimizer")
     try:
@@ -164,17 +224,40 @@ def validate(cfg: DictConfig) -> None:
     except (TypeError, ValueError) as e:
         raise UserError(f"optimizer ({opt._target_}): {e}") from None
     instantiate(cfg.scheduler, "scheduler")(optimizer, total_steps=1)
-    instantiate(cfg.sparsity, "sparsity")
-    instantiate(cfg.dataset, "dataset")
 
 
-def check_job(config_name: str, overrides: list[str], config_dir: str | None = None) -> DictConfig:
-    cfg = compose(config_name, overrides, config_dir)
+def meta_model(cfg: DictConfig, data=None):
+    """The model built on the meta device (shapes only, no memory, no init cost), or None
+    when the dataset cannot tell its input shape before loading."""
+    if data is None:
+        data = instantiate(cfg.dataset, "dataset")
+    num_classes, input_shape = getattr(data, "num_classes", None), getattr(data, "input_shape", None)
+    if num_classes is None or input_shape is None:
+        return None
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "zero-element tensors": the checks below say it better
+        try:
+            return instantiate(cfg.model, "model", num_classes=num_classes, input_shape=tuple(input_shape))
+        except UserError:
+            raise
+        except Exception:  # e.g. an operation without a meta kernel: the real build will tell
+            return None
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """The job's own config: a copy without the `hydra` node."""
     job = cfg.copy()
     with open_dict(job):
         del job["hydra"]
+    return job
+
+
+def check_job(config_name: str, overrides: list[str], config_dir: str | None = None, optimizer: bool = True) -> DictConfig:
+    """The composed config of one job (with `hydra`), validated; see `validate`."""
+    cfg = compose(config_name, overrides, config_dir)
+    job = without_hydra(cfg)
     try:
-        validate(job)
+        validate(job, optimizer)
     except OmegaConfBaseException as e:  # e.g. an interpolation to a missing key
         raise UserError(_one_line(e)) from None
     return cfg

@@ -140,7 +140,7 @@ def check_eval(config_name: str, overrides: list[str], config_dir: str | None = 
     load(str(cfg.ckpt))
     out = output_path(cfg)
     try:
-        _writable(out.parent)
+        _writable(out.parent, "eval.output")
     except UserError:
         raise UserError(f"cannot write the report to {out.parent}; choose another place with eval.output=PATH") from None
     return cfg

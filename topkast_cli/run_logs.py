@@ -38,26 +38,33 @@ def _clean(value):
 
 
 class JsonlLog:
-    """Append-only JSON lines; each record is flushed so a kill loses at most the last line."""
+    """Append-only JSON lines; each record is flushed so a kill loses at most the last line.
+    `last_step` is the step of the last record (None for an empty log)."""
 
     def __init__(self, path: str | Path, truncate_after_step: int | None = None):
         self.path = Path(path)
-        if truncate_after_step is not None:
+        self.last_step = None
+        if truncate_after_step is not None and self.path.exists():
             self._drop_after(truncate_after_step)
         self._file = self.path.open("a")
 
     def _drop_after(self, step: int) -> None:
         # On resume, records written after the checkpoint's step belong to a future that is
-        # about to be recomputed: keep the log a single consistent history.
+        # about to be recomputed: keep the log a single consistent history. (A fresh start
+        # over the logs of a run that never wrote a checkpoint drops them all: step -1.)
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        self.last_step = kept[-1].get("step") if kept else None
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(_clean(record)) + "\n")
         self._file.flush()
+        self.last_step = record.get("step")
 
     def close(self) -> None:
         self._file.close()
@@ -76,19 +83,26 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
 class RunLogs:
     """metrics.jsonl, sparsity.jsonl and TensorBoard (tb/) of one run directory.
 
-    `resume_step` (when resuming) drops records after that step from the JSON logs and sets
-    TensorBoard's purge_step, so a resumed run has no duplicate or out-of-order points.
+    `resume_step` (when resuming from a checkpoint of that step) drops the records after it
+    from the JSON logs and hides TensorBoard's (purge_step = resume_step + 1: the records *of*
+    that step were written before the checkpoint and stay), so a resumed run has no duplicate
+    or out-of-order points. `resume_step=-1` clears logs left by a run that wrote no checkpoint.
     """
 
     def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = JsonlLog(self.run_dir / "metrics.jsonl", resume_step)
         self.sparsity = JsonlLog(self.run_dir / "sparsity.jsonl", resume_step)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step)
+            tb_dir = self.run_dir / "tb"
+            purge = None
+            if resume_step is not None and tb_dir.is_dir() and any(tb_dir.iterdir()):
+                purge = resume_step + 1
+            self.tb = SummaryWriter(str(tb_dir), purge_step=purge)
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
         if self.tb is None:

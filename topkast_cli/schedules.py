@@ -26,6 +26,10 @@ def lr_factor(step: int, total: int, shape: str, warmup: float, milestones, gamm
     return gamma**passed
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def warmup_schedule(
     optimizer,
     total_steps: int,
@@ -37,10 +41,14 @@ def warmup_schedule(
 ) -> LambdaLR:
     if shape not in SHAPES:
         raise UserError(f"scheduler.shape={shape!r} is not known; allowed: {', '.join(SHAPES)}")
-    if not 0.0 <= warmup < 1.0:
-        raise UserError(f"scheduler.warmup={warmup} must be a fraction of the run in [0, 1)")
-    if any(not 0.0 < m < 1.0 for m in milestones):
-        raise UserError(f"scheduler.milestones={list(milestones)} must be fractions of the run in (0, 1)")
+    if not _number(warmup) or not 0.0 <= warmup < 1.0:
+        raise UserError(f"scheduler.warmup={warmup!r} must be a fraction of the run in [0, 1)")
+    if not isinstance(milestones, (list, tuple)) or any(not _number(m) or not 0.0 < m < 1.0 for m in milestones):
+        raise UserError(f"scheduler.milestones={milestones!r} must be a list of fractions of the run in (0, 1)")
+    if not _number(gamma) or not gamma > 0:
+        raise UserError(f"scheduler.gamma={gamma!r} must be a number > 0")
+    if not _number(final_lr_ratio) or not 0.0 <= final_lr_ratio <= 1.0:
+        raise UserError(f"scheduler.final_lr_ratio={final_lr_ratio!r} must be a number in [0, 1]")
     milestones = tuple(milestones)
     return LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, shape, warmup, milestones, gamma, final_lr_ratio)

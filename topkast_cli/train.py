@@ -100,6 +100,7 @@ class Run:
     best: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
     skipped_steps: int = 0
+    saved_step: int | None = None  # step of the last.ckpt on disk (None: none written yet)
     wall_before: float = 0.0  # seconds spent in earlier segments of a resumed run
     started: float = field(default_factory=time.perf_counter)
 
@@ -168,8 +169,11 @@ def save(run: Run, name: str) -> Path:
         save_checkpoint(path, checkpoint_state(run))
     except OSError as e:
         raise RunFailed(
-            f"could not write checkpoint {path} at step {run.step}: {e.strerror or e}; the previous checkpoint is intact"
+            f"could not write checkpoint {path} at step {run.step}: {e.strerror or e}; "
+            + (f"the previous {name} is intact" if path.exists() else f"no {name} was written")
         ) from None
+    if name == "last.ckpt":
+        run.saved_step = run.step
     return path
 
 
@@ -177,32 +181,97 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     if cfg.resume in (None, ""):
         return None
     if cfg.resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
         return last if last.exists() else None
     return Path(str(cfg.resume)).expanduser()
 
 
-_MUST_MATCH = ("model", "dataset._target_", "sparsity._target_", "sparsity.forward", "sparsity.backward")
+def holds_run(run_dir: Path) -> bool:
+    """Whether `run_dir` has outputs of a training run (a fresh run there would mix with them)."""
+    run_dir = Path(run_dir)
+    return any((run_dir / name).exists() for name in ("checkpoints", "metrics.jsonl", "sparsity.jsonl", "summary.json"))
+
+
+# Config that must be the same to resume; the rest (steps, schedules, logging, refresh
+# interval, exploration steps, regularisation) may change.
+_MUST_MATCH = ("model", "dataset._target_", "optimizer._target_", "sparsity")
+_MAY_CHANGE = ("sparsity.refresh_interval", "sparsity.exploration_steps", "sparsity.regularization")
+
+
+def _get(tree, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _leaves(node, prefix: str) -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: node}
+
+
+def check_fits(ckpt: dict, cfg: DictConfig, where: str, model: torch.nn.Module | None = None) -> None:
+    """Raise a UserError if checkpoint `ckpt` was written for another model, dataset,
+    optimizer or sparsity config than `cfg`, or its tensors do not fit `model` (which may
+    live on the meta device: only names and shapes are compared)."""
+    saved, now = ckpt.get("config") or {}, OmegaConf.to_container(cfg, resolve=True)
+    for key in _MUST_MATCH:
+        a, b = _leaves(_get(saved, key), key), _leaves(_get(now, key), key)
+        for leaf in sorted(set(a) | set(b)):
+            if leaf not in _MAY_CHANGE and a.get(leaf) != b.get(leaf):
+                raise UserError(
+                    f"{where} was written with {leaf}={a.get(leaf)}, the config has {leaf}={b.get(leaf)}; "
+                    "resume with the same model, dataset, optimizer and sparsity (or start a new run)"
+                )
+    if model is None:
+        return
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items() if torch.is_tensor(v)}
+    for k in sorted(set(mine) | set(theirs)):
+        if mine.get(k) != theirs.get(k):
+            raise UserError(
+                f"{where} does not fit this model: {k} is {theirs.get(k, 'missing')} in the checkpoint, "
+                f"{mine.get(k, 'missing')} in the model"
+            )
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> None:
+    """What a run would resume from loads and fits `cfg`: checked before a run directory is
+    touched (the tensors are memory-mapped, not read)."""
+    from .config import meta_model
+
+    path = resume_path(cfg, run_dir)
+    if path is None:
+        return
+    where = f"resume={cfg.resume}" + (f" ({path})" if cfg.resume == "auto" else "")
+    ckpt = load_checkpoint(path, key="resume", mmap=True) if cfg.resume != "auto" else _load_auto(path, where)
+    check_fits(ckpt, cfg, where, meta_model(cfg))
+
+
+def _load_auto(path: Path, where: str) -> dict:
+    try:
+        return load_checkpoint(path, key="resume", mmap=True)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def restore(run: Run, path: Path) -> None:
     ckpt = load_checkpoint(path, key="resume")
-    saved, now = ckpt["config"], OmegaConf.to_container(run.cfg, resolve=True)
-    for key in _MUST_MATCH:
-        a, b = OmegaConf.select(OmegaConf.create(saved), key), OmegaConf.select(OmegaConf.create(now), key)
-        if a != b:
-            raise UserError(f"resume={path}: the checkpoint has {key}={a}, the config has {b}; resume with the same {key}")
+    check_fits(ckpt, run.cfg, f"resume={path}")
     try:
         load_plain_state_dict(run.model, ckpt["model"])
         run.method.load_state_dict({"masks": ckpt["masks"], **ckpt.get("sparsity", {})})
         run.optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0][:160]
         raise UserError(f"resume={path} does not fit this model/optimizer: {first}") from None
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    run.step = int(ckpt["step"])
+    run.step = run.saved_step = int(ckpt["step"])
     metrics = ckpt.get("metrics") or {}
     run.best, run.last_eval = metrics.get("best") or {}, metrics.get("last") or {}
     run.skipped_steps = int(metrics.get("skipped_steps", 0))
@@ -211,30 +280,104 @@ def restore(run: Run, path: Path) -> None:
 
 # ------------------------------------------------------------------------- signals
 class StopSignals:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (it then checkpoints);
-    a second signal stops at once."""
+    """Signals that end a run early, without losing it.
+
+    SIGINT (Ctrl-C) and SIGTERM (what a cluster sends before it kills a job) ask the loop to
+    stop after the current step: it writes last.ckpt, flushes the logs, and the process
+    exits with 128 + the signal number (130, 143). A second one exits at once.
+
+    A signal that someone else already handles with a Python function (submitit: SIGUSR2
+    checkpoints and requeues the job, SIGTERM is logged and ignored) is not taken over but
+    chained: the loop finishes the step, writes last.ckpt, then calls that handler, which
+    decides (submitit requeues and exits; a requeued `resume=auto` job continues from the
+    checkpoint). SIGUSR1/SIGUSR2 without such a handler, and ignored signals, are left
+    alone. Handlers can only be installed from the main thread (elsewhere: no handling).
+
+    DataLoader workers get a Ctrl-C or a cluster's SIGTERM too (the whole process group).
+    They are forked with these handlers: there SIGINT is ignored (the main process stops
+    after the step and shuts them down) and other signals do what they did before us.
+    SIGTERM ends a worker (torch's own handler), which makes torch fail the main process
+    wherever it is (SIGCHLD): once a stop is asked for, that failure is logged instead, a
+    loader that broke off ends the epoch, and the loop checkpoints the step it has done
+    (see `fit`).
+    """
+
+    OWN = (signal.SIGINT, signal.SIGTERM)
+    CHAINABLE = tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n))
 
     def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
+        self.received: int | None = None  # an owned signal: stop after this step
+        self.pending: list[int] = []  # chained signals: checkpoint, then call their handler
+        self._previous: dict = {}
+        self._chained: set[int] = set()
+        self._on_child = None  # torch's SIGCHLD handler, wrapped once a stop is asked for
+        self._pid = os.getpid()
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None or bool(self.pending)
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        self._pid = os.getpid()
+        for sig in self.OWN + self.CHAINABLE:
+            previous = signal.getsignal(sig)
+            foreign = callable(previous) and previous is not signal.default_int_handler
+            if previous in (signal.SIG_IGN, None) or (sig not in self.OWN and not foreign):
+                continue
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread (e.g. some launchers): no handling
-                pass
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals to whoever runs us
+                break
+            self._previous[sig] = previous
+            if foreign:
+                self._chained.add(sig)
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked child (see above)
+            if signum != signal.SIGINT:
+                signal.signal(signum, self._previous[signum])
+                os.kill(os.getpid(), signum)
+            return
+        self._tolerate_worker_exits()
+        name = signal.Signals(signum).name
+        if signum in self._chained:
+            if signum in self.pending:  # the second one does not wait for the step
+                self._previous[signum](signum, frame)
+            else:
+                self.pending.append(signum)
+                log.warning("received %s: writing last.ckpt after this step, then passing it on", name)
+            return
         if self.received is not None:
+            log.warning("received %s again: exiting now (last.ckpt is from an earlier step)", name)
             raise SystemExit(128 + signum)
         self.received = signum
-        log.warning("received %s: stopping after this step and writing last.ckpt (again to stop now)", signal.Signals(signum).name)
+        log.warning("received %s: stopping after this step and writing last.ckpt (again to stop now)", name)
+
+    def _tolerate_worker_exits(self) -> None:
+        child = getattr(signal, "SIGCHLD", None)
+        current = signal.getsignal(child) if child else None
+        if callable(current) and current != self._worker_exited:
+            self._previous.setdefault(child, current)
+            self._on_child = current
+            signal.signal(child, self._worker_exited)
+
+    def _worker_exited(self, signum, frame):
+        try:
+            self._on_child(signum, frame)
+        except RuntimeError as e:  # torch: "DataLoader worker (pid N) is killed by signal"
+            log.warning("%s (after the stop signal)", str(e).strip().splitlines()[0])
+
+    def pass_on(self) -> None:
+        """After the checkpoint: call the handlers of chained signals (they may exit)."""
+        while self.pending:
+            sig = self.pending.pop(0)
+            self._previous[sig](sig, None)
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        if os.getpid() == self._pid:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
         return False
 
 
@@ -251,11 +394,54 @@ def run_eval(run: Run, logs: RunLogs) -> dict:
     return metrics
 
 
+def diverged(run: Run, what: str) -> str:
+    """The one-line message for a non-finite loss or gradient at the coming step."""
+    if run.saved_step is not None:
+        kept = f"the last good checkpoint is {run.ckpt_dir / 'last.ckpt'} (step {run.saved_step})"
+    else:
+        kept = "no checkpoint was written yet"
+    return (
+        f"{what} at step {run.step + 1}; stopped, {kept}; lower optimizer.lr, "
+        "or set trainer.skip_nonfinite=true to skip such steps"
+    )
+
+
 def grads_finite(params) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return True
     return bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, params: list) -> tuple[torch.Tensor, bool, bool]:
+    """One optimizer step with the method's hooks in their order. Returns (model output,
+    whether the step was finite, whether the masks changed after it)."""
+    t, model, method, optimizer = run.cfg.trainer, run.model, run.method, run.optimizer
+    method.before_forward(run.step)
+    with run.autocast() if run.autocast else torch.enable_grad():
+        out = model(x)
+        loss = run.task.loss(out, y)
+    finite = bool(torch.isfinite(loss))
+    if not finite and not t.skip_nonfinite:
+        raise RunFailed(diverged(run, f"the loss is {loss.item()}"))
+    if finite:
+        optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(optimizer)
+        method.after_backward(run.step)
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        finite = run.scaler.is_enabled() or grads_finite(params)
+        if not finite and not t.skip_nonfinite:
+            raise RunFailed(diverged(run, "the gradients are not finite"))
+        if finite:
+            run.scaler.step(optimizer)  # (fp16: skipped by the scaler itself on inf)
+        run.scaler.update()
+    if not finite:
+        run.skipped_steps += 1  # a skipped step still counts: the data order stays aligned
+    run.scheduler.step()
+    run.step += 1
+    return out, finite, method.after_step(run.step, optimizer)
 
 
 def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
@@ -270,35 +456,11 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
     model.train()
     while run.step < run.total_steps:
         epoch, offset = divmod(run.step, spe)
-        for x, y in run.data.train_loader(epoch, cfg.seed, offset):
+        for x, y in _batches(run.data.train_loader(epoch, cfg.seed, offset), stop):
             x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-            method.before_forward(run.step)
-            with run.autocast() if run.autocast else torch.enable_grad():
-                out = model(x)
-                loss = task.loss(out, y)
-            finite = bool(torch.isfinite(loss))
-            if not finite and not t.skip_nonfinite:
-                raise RunFailed(
-                    f"loss is {loss.item()} at step {run.step + 1}; stopped, last good checkpoint: "
-                    f"{run.ckpt_dir / 'last.ckpt'} (lower optimizer.lr, or trainer.skip_nonfinite=true)"
-                )
-            if finite:
-                optimizer.zero_grad(set_to_none=True)
-                run.scaler.scale(loss).backward()
-                run.scaler.unscale_(optimizer)
-                method.after_backward(run.step)
-                if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                finite = run.scaler.is_enabled() or not t.skip_nonfinite or grads_finite(params)
-                if finite:
-                    run.scaler.step(optimizer)  # (fp16: skipped by the scaler itself on inf)
-                run.scaler.update()
-            if not finite:
-                run.skipped_steps += 1  # a skipped step still counts: the data order stays aligned
-            run.scheduler.step()
-            run.step += 1
+            out, finite, changed = train_step(run, x, y, params)
             bar.update(1)
-            if method.after_step(run.step, optimizer):
+            if changed:
                 report = method.report(run.step)
                 logs.log_sparsity(report)
                 postfix["density"] = f"{report['forward_density']:.3f}"
@@ -321,21 +483,54 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
                 running, seen, tick = None, 0, now
                 postfix.update(loss=f"{train['loss']:.3f}", **{task.metric: f"{train[task.metric]:.1f}"})
             if (t.eval_every and run.step % t.eval_every == 0) or last:
-                val = run_eval(run, logs)
+                try:
+                    val = run_eval(run, logs)
+                except Exception:
+                    if not stop.requested or logs.metrics.last_step == run.step:
+                        raise
+                    # Its loader's workers got the signal too; new ones did not.
+                    log.warning("evaluation at step %d broke off after the signal; evaluating again", run.step)
+                    val = run_eval(run, logs)
                 postfix[f"val_{task.metric}"] = f"{val[task.metric]:.1f}"
                 log.info("step %d  val loss %.4f  %s %.2f", run.step, val["loss"], task.metric, val[task.metric])
-            if (t.checkpoint_every and run.step % t.checkpoint_every == 0) or last or stop.received:
+            if (t.checkpoint_every and run.step % t.checkpoint_every == 0) or last or stop.requested:
                 save(run, "last.ckpt")
                 logs.flush()
+                stop.pass_on()  # chained signals (e.g. submitit's requeue) go on from here
             if postfix:
                 bar.set_postfix(postfix, refresh=False)
-            if stop.received:
+            if stop.received is not None:
                 bar.close()
                 return "interrupted"
             if last:
                 break
+        if stop.requested:  # the loader broke off: its workers got the signal too
+            save(run, "last.ckpt")
+            logs.flush()
+            stop.pass_on()
+            if stop.received is not None:
+                bar.close()
+                return "interrupted"
     bar.close()
     return "completed"
+
+
+def _batches(loader, stop: StopSignals):
+    """The loader's batches. If it fails after a stop signal came (DataLoader workers that
+    got SIGTERM with the whole job end; the main process notices when it waits for them),
+    the batches end there, and the step already done is checkpointed."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            if not stop.requested:
+                raise
+            log.warning("the data loader stopped after the signal (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return
+        yield batch
 
 
 def summarize(run: Run, status: str, segment_wall: float, start_step: int, error: str | None = None) -> dict:
@@ -391,13 +586,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if ckpt is not None:
         restore(run, ckpt)
         log.info("resumed from %s at step %d", ckpt, run.step)
-    elif (run.ckpt_dir / "last.ckpt").exists():
-        raise UserError(
-            f"{run_dir} already holds a run (checkpoints/last.ckpt); continue it with resume=auto, "
-            "or choose another hydra.run.dir"
-        )
+    elif cfg.resume != "auto" and holds_run(run_dir):
+        raise UserError(f"{run_dir} already holds a run; continue it with resume=auto, or choose another hydra.run.dir")
     start_step = run.step
-    logs = RunLogs(run_dir, resume_step=start_step if ckpt is not None else None, tensorboard=cfg.trainer.tensorboard)
+    # Resuming: keep the logs up to the checkpoint's step. Starting afresh (resume=auto and
+    # no checkpoint yet): drop what an attempt killed before its first checkpoint logged.
+    logs = RunLogs(run_dir, resume_step=start_step if ckpt is not None else -1, tensorboard=cfg.trainer.tensorboard)
     m = run.method
     log.info(
         "%s: %d sparse layers, forward sparsity %.3f, backward sparsity %.3f; %d steps (%.1f epochs) on %s",
@@ -411,19 +605,26 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             logs.log_hparams(hparams(cfg, m), [f"val/{run.task.metric}", "val/loss", "train/loss"])
         with StopSignals() as stop:
             status = fit(run, logs, stop)
-        if run.step > start_step:  # (a resumed run that was already complete adds nothing)
+        if status == "completed" and logs.sparsity.last_step != run.step:  # (not twice at a refresh)
             logs.log_sparsity(m.report(run.step))
-        return_code = 0 if status == "completed" else 128 + (stop.received or 0)
+        return_code = 0 if status == "completed" else 128 + stop.received
     except BaseException as e:
         error = str(e).splitlines()[0] if str(e) else type(e).__name__
         status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+        if isinstance(e, OSError):  # disk full, a lost mount: the run cannot go on
+            kept = f"{run.ckpt_dir / 'last.ckpt'} (step {run.saved_step})" if run.saved_step is not None else "none"
+            error = f"I/O error at step {run.step}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+            raise RunFailed(f"{error}; last good checkpoint: {kept}") from None
         raise
     finally:
         summary = summarize(run, status, time.perf_counter() - t0, start_step, error)
-        write_json_atomic(run_dir / "summary.json", summary)
-        if status == "completed":
-            logs.end_hparams()
-        logs.close()
+        try:
+            write_json_atomic(run_dir / "summary.json", summary)
+            if status == "completed":
+                logs.end_hparams()
+            logs.close()
+        except OSError as e:
+            log.error("could not write %s: %s", run_dir / "summary.json", e.strerror or e)
     final, best = summary["final"], summary["best"]
     if final:
         log.info(

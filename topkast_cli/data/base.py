@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -72,6 +74,17 @@ class DataModule:
         self.num_workers = num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    def check(self) -> None:
+        """Cheap checks that need the disk but load nothing, run before a run directory is
+        made: by default, a `root` that does not exist is an error unless `download` is on.
+        Subclasses that know their files may check more."""
+        root = getattr(self, "root", None)
+        if getattr(self, "download", None) is False and isinstance(root, str) and root:
+            path = Path(root).expanduser()
+            if not path.is_dir():
+                what = "is not a directory" if path.exists() else "does not exist"
+                raise UserError(f"dataset.root={root} {what}; point it at the data, or set dataset.download=true")
 
     def setup(self) -> "DataModule":
         """Load or generate the data (may read from disk); idempotent."""

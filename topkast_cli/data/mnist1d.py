@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from ..errors import UserError
 from .base import DataModule
 
 
@@ -24,6 +25,14 @@ class MNIST1D(DataModule):
 
     def __init__(self, root: str | None = None, num_samples: int = 5000, train_split: float = 0.8, seed: int = 42, **loader):
         super().__init__(**loader)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
+            raise UserError(f"dataset.num_samples={num_samples!r} must be an integer >= 10")
+        if isinstance(train_split, bool) or not isinstance(train_split, (int, float)) or not 0 < train_split < 1:
+            raise UserError(f"dataset.train_split={train_split!r} must be a number in (0, 1)")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise UserError(f"dataset.seed={seed!r} must be an integer in [0, 2**32)")
+        if root is not None and not isinstance(root, str):
+            raise UserError(f"dataset.root={root!r} must be a directory path or null")
         self.root, self.num_samples, self.train_split, self.seed = root, num_samples, train_split, seed
         self.input_shape = (1, 40)
 

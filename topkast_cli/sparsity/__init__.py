@@ -3,7 +3,9 @@
 
 from .base import SparseLayer, SparsityMethod, measured_density, zero_optimizer_state
 from .dense import Dense
+from .dynamic import DynamicSparse
 from .distribution import layer_counts
+from .gmp import GMP
 from .masking import (
     load_plain_state_dict,
     masked_weight,
@@ -11,11 +13,19 @@ from .masking import (
     plain_state_dict,
     use_dense_weights,
 )
+from .rigl import RigL
+from .set import SET
+from .static import Static
 from .topk import topk_mask, topk_masks
 from .topkast import TopKAST
 
 __all__ = [
     "Dense",
+    "DynamicSparse",
+    "GMP",
+    "RigL",
+    "SET",
+    "Static",
     "SparseLayer",
     "SparsityMethod",
     "TopKAST",

@@ -36,7 +36,7 @@ class SparseLayer:
     k_backward: int
     forward: torch.Tensor  # bool, the set A
     backward: torch.Tensor  # bool, the set B ⊇ A
-    churn: float = 0.0  # fraction of A that changed at the last mask update
+    churn: float = 0.0  # share of A that changed at the last mask update
 
     @property
     def theta(self) -> nn.Parameter:
@@ -98,6 +98,7 @@ class SparsityMethod:
         dense_first: bool = True,
         dense_layers: list[str] | tuple = (),
         include_embeddings: bool = False,
+        regularization: float = 0.0,
     ):
         self.forward_sparsity = _check_fraction("sparsity.forward", forward)
         if backward is None:
@@ -115,6 +116,9 @@ class SparsityMethod:
         self.dense_first = bool(dense_first)
         self.dense_layers = list(dense_layers or ())
         self.include_embeddings = bool(include_embeddings)
+        if isinstance(regularization, bool) or not isinstance(regularization, (int, float)) or regularization < 0:
+            raise UserError(f"sparsity.regularization={regularization!r} must be a number >= 0")
+        self.regularization_scale = float(regularization)
         self.layers: list[SparseLayer] = []
 
     # ----------------------------------------------------------------- set-up
@@ -135,11 +139,26 @@ class SparsityMethod:
         self.resolve_schedule(total_steps)
         if self.forward_sparsity == 0.0:
             return self
+        for pname, name, module, k, k_backward in self.plan(model):
+            theta = module.weight
+            empty = torch.zeros(theta.shape, dtype=torch.bool, device=theta.device)
+            self.layers.append(SparseLayer(pname, module, attach(module), k, k_backward, empty, empty))
+        for layer in self.layers:
+            forward, backward = self.initial_masks(layer)
+            self.set_masks(layer, forward, backward)
+            layer.churn = 0.0
+        return self
+
+    def plan(self, model: nn.Module) -> list[tuple[str, str, nn.Module, int, int]]:
+        """(parameter name, module name, module, k_forward, k_backward) of each layer that
+        `attach` makes sparse, or the UserError it would raise. Reads only shapes, so a
+        model built on the meta device can be checked before any work is done."""
         chosen = select_sparse_layers(model, self.dense_first, self.dense_layers, self.include_embeddings)
         names = [f"{n}.weight" if n else "weight" for n, _ in chosen]
         shapes = {pname: tuple(m.weight.shape) for pname, (_, m) in zip(names, chosen)}
         k_forward = layer_counts(shapes, self.density, self.distribution)
         k_backward = backward_counts(shapes, k_forward, self.density, self.backward_density, self.distribution)
+        plan = []
         for pname, (name, module) in zip(names, chosen):
             numel, k = module.weight.numel(), k_forward[pname]
             if k == 0:
@@ -147,15 +166,8 @@ class SparsityMethod:
                     f"sparsity.forward={self.forward_sparsity} leaves layer {name} ({numel} weights) with no "
                     "weight; lower the sparsity or keep the layer dense (sparsity.dense_layers)"
                 )
-            theta = module.weight
-            empty = torch.zeros(theta.shape, dtype=torch.bool, device=theta.device)
-            layer = SparseLayer(pname, module, attach(module), k, k_backward[pname], empty, empty)
-            self.layers.append(layer)
-        for layer in self.layers:
-            forward, backward = self.initial_masks(layer)
-            self.set_masks(layer, forward, backward)
-            layer.churn = 0.0
-        return self
+            plan.append((pname, name, module, k, k_backward[pname]))
+        return plan
 
     def resolve_schedule(self, total_steps: int | None) -> None:
         """Turn the method's schedule points into step counts (see `resolve_steps`)."""
@@ -171,16 +183,33 @@ class SparsityMethod:
     def before_forward(self, step: int) -> None:
         """Called before the forward pass of optimizer step `step`."""
 
+    @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        """Called when the gradients of step `step` are final (unscaled), before clipping."""
+        """Called when the gradients of step `step` are final (unscaled), before clipping.
+        Adds the regulariser's gradient λ·s⊙θ (s: `regularizer_weights`, zero outside B)."""
+        if self.regularization_scale == 0.0:
+            return
+        for layer in self.layers:
+            theta = layer.theta
+            if theta.grad is not None:
+                theta.grad.addcmul_(theta, layer.regularizer_scale, value=self.regularization_scale)
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Called after optimizer step number `step` (1-based). Returns True if masks changed."""
         return False
 
+    @torch.no_grad()
     def regularization(self) -> float | None:
-        """Value of the method's own regulariser, if it has one (for logging)."""
-        return None
+        """λ/2 · Σ s⊙θ², summed over layers (its gradient is the one applied); None if λ = 0."""
+        if not self.layers or self.regularization_scale == 0.0:
+            return None
+        total = sum(float((l.theta.detach().square() * l.regularizer_scale).sum()) for l in self.layers)
+        return 0.5 * self.regularization_scale * total
+
+    def regularizer_weights(self, layer: SparseLayer, forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
+        """Per-entry weight s of the regulariser: L2 on the trained entries (B), which is
+        weight decay that leaves frozen entries alone."""
+        return backward.to(layer.theta.dtype)
 
     @property
     def phase(self) -> str:
@@ -197,10 +226,14 @@ class SparsityMethod:
     ) -> None:
         """Install new masks; entries leaving B lose their optimizer state so they freeze."""
         if layer.forward.any():
-            layer.churn = float((forward & ~layer.forward).sum()) / max(1, layer.k_forward)
+            # |A_new Δ A_old| / (|A_old| + |A_new|): the share of A replaced when its size is
+            # fixed, and also counts what pruning removes.
+            sizes = int(layer.forward.sum()) + int(forward.sum())
+            layer.churn = float((forward ^ layer.forward).sum()) / max(1, sizes)
         zero_optimizer_state(optimizer, layer.theta, layer.backward & ~backward)
         layer.forward, layer.backward = forward, backward
         layer.masked.set_masks(forward, backward)
+        layer.regularizer_scale = self.regularizer_weights(layer, forward, backward)
 
     # -------------------------------------------------------------- reporting
     def report(self, step: int) -> dict:

@@ -32,14 +32,11 @@ class TopKAST(SparsityMethod):
         regularization: float = 0.0,
         **selection,
     ):
-        super().__init__(forward, backward, **selection)
+        super().__init__(forward, backward, regularization=regularization, **selection)
         if isinstance(refresh_interval, bool) or not isinstance(refresh_interval, int) or refresh_interval < 1:
             raise UserError(f"sparsity.refresh_interval={refresh_interval!r} must be an integer >= 1")
         self.exploration = check_steps("sparsity.exploration_steps", exploration_steps)
-        if isinstance(regularization, bool) or not isinstance(regularization, (int, float)) or regularization < 0:
-            raise UserError(f"sparsity.regularization={regularization!r} must be a number >= 0")
         self.refresh_interval = refresh_interval
-        self.regularization_scale = float(regularization)
         self.resolve_schedule(None)
 
     def resolve_schedule(self, total_steps):
@@ -59,21 +56,11 @@ class TopKAST(SparsityMethod):
         k_backward = layer.k_forward if self.locked else layer.k_backward
         return topk_masks(layer.theta.detach().abs(), layer.k_forward, k_backward)
 
-    def set_masks(self, layer, forward, backward, optimizer=None):
-        super().set_masks(layer, forward, backward, optimizer)
-        # Per-entry regulariser weight: 1 on A, 1/D on B \ A, 0 elsewhere.
+    def regularizer_weights(self, layer, forward, backward):
+        # 1 on A, 1/D on B \ A: candidates pay more to stay, so only those whose gradient
+        # keeps pushing them grow into A.
         scale = forward.to(layer.theta.dtype)
-        scale.add_((backward & ~forward).to(scale.dtype), alpha=1.0 / layer.density)
-        layer.regularizer_scale = scale
-
-    @torch.no_grad()
-    def after_backward(self, step: int) -> None:
-        if self.regularization_scale == 0.0:
-            return
-        for layer in self.layers:
-            theta = layer.theta
-            if theta.grad is not None:
-                theta.grad.addcmul_(theta, layer.regularizer_scale, value=self.regularization_scale)
+        return scale.add_((backward & ~forward).to(scale.dtype), alpha=1.0 / layer.density)
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer=None) -> bool:
@@ -87,12 +74,6 @@ class TopKAST(SparsityMethod):
             forward, backward = self._top(layer)
             self.set_masks(layer, forward, backward, optimizer)
         return True
-
-    @torch.no_grad()
-    def regularization(self) -> float:
-        """λ/2 · (Σ_A θ² + (1/D) Σ_{B\\A} θ²), summed over layers (its gradient is the one applied)."""
-        total = sum(float((l.theta.detach().square() * l.regularizer_scale).sum()) for l in self.layers)
-        return 0.5 * self.regularization_scale * total
 
     def extra_state(self) -> dict:
         return {"locked": self.locked}

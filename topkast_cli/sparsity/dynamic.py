@@ -1,0 +1,114 @@
+"""What SET and RigL share: start from a random sparse mask, and every `update_interval`
+steps drop the smallest-magnitude active weights of each layer and grow as many others,
+so each layer keeps exactly its k weights. They differ only in how they choose what to grow."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import UserError
+from .base import SparseLayer, SparsityMethod, check_steps, resolve_steps, zero_optimizer_state
+from .static import random_mask
+from .topk import topk_mask
+
+DECAYS = ("constant", "cosine")
+
+
+class DynamicSparse(SparsityMethod):
+    """Prune-and-regrow at a fixed density. Subclasses define `grow_scores`."""
+
+    def __init__(
+        self,
+        forward: float = 0.9,
+        update_interval: int = 100,
+        drop_fraction: float = 0.3,
+        decay: str = "constant",
+        end_steps: int | float | None = None,
+        regularization: float = 0.0,
+        **selection,
+    ):
+        super().__init__(forward, forward, regularization=regularization, **selection)
+        if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
+            raise UserError(f"sparsity.update_interval={update_interval!r} must be an integer >= 1")
+        if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 <= drop_fraction <= 1:
+            raise UserError(f"sparsity.drop_fraction={drop_fraction!r} must be a number in [0, 1]")
+        if decay not in DECAYS:
+            raise UserError(f"sparsity.decay={decay!r} is not known; allowed: {', '.join(DECAYS)}")
+        self.update_interval, self.drop_fraction, self.decay = update_interval, float(drop_fraction), decay
+        self.end = check_steps("sparsity.end_steps", end_steps)
+        self.generator = torch.Generator()
+        self.steps_done = 0
+        self.resolve_schedule(None)
+
+    def resolve_schedule(self, total_steps):
+        self.end_steps = resolve_steps(self.end, total_steps)
+
+    def attach(self, model, total_steps=None):
+        # A private RNG for the random choices during training, seeded from the run's RNG
+        # and saved in checkpoints, so a resumed run draws the same numbers.
+        self.generator.manual_seed(int(torch.randint(2**62, ())))
+        return super().attach(model, total_steps)
+
+    @property
+    def phase(self) -> str:
+        if not self.layers:
+            return "dense"
+        return "fixed" if self.end_steps is not None and self.steps_done >= self.end_steps else "dynamic"
+
+    def initial_masks(self, layer: SparseLayer):
+        mask = random_mask(layer.theta.shape, layer.k_forward, layer.theta.device, self.generator)
+        return mask, mask
+
+    def update_due(self, step: int) -> bool:
+        """Masks change after optimizer step `step` (1-based)."""
+        ended = self.end_steps is not None and step > self.end_steps
+        return bool(self.layers) and not ended and step % self.update_interval == 0
+
+    def fraction(self, step: int) -> float:
+        """Share of each layer's active weights replaced at `step`: constant, or cosine decay
+        to 0 at `end_steps` (RigL)."""
+        if self.decay == "constant" or not self.end_steps:
+            return self.drop_fraction
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * min(step, self.end_steps) / self.end_steps))
+
+    def grow_scores(self, layer: SparseLayer) -> torch.Tensor | None:
+        """Higher grows first; None skips this update (e.g. no gradient was captured)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, step: int, optimizer=None) -> bool:
+        self.steps_done = step
+        if not self.update_due(step):
+            return False
+        fraction = self.fraction(step)
+        changed = False
+        for layer in self.layers:
+            scores = self.grow_scores(layer)
+            if scores is not None:
+                self.drop_and_grow(layer, round(fraction * layer.k_forward), scores, optimizer)
+                changed = True
+        return changed
+
+    @torch.no_grad()
+    def drop_and_grow(self, layer: SparseLayer, n: int, scores: torch.Tensor, optimizer=None) -> None:
+        """Drop the n smallest |θ| of A, grow the n best-scoring entries outside what is kept.
+        Newly grown weights start at zero with fresh optimizer state."""
+        theta, old = layer.theta, layer.forward
+        magnitude = theta.detach().abs().masked_fill(~old, -math.inf)
+        keep = topk_mask(magnitude, layer.k_forward - n)
+        grow = topk_mask(scores.to(theta.device).masked_fill(keep, -math.inf), n)
+        new = keep | grow
+        born = new & ~old
+        theta.masked_fill_(born, 0)
+        zero_optimizer_state(optimizer, theta, born)
+        self.set_masks(layer, new, new, optimizer)
+
+    def extra_state(self) -> dict:
+        return {"generator": self.generator.get_state(), "steps_done": self.steps_done}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        self.steps_done = int(state.get("steps_done", 0))
