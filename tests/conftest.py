@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf, open_dict
+from torch import nn
 
 from topkast_cli.config import compose
 
@@ -26,6 +28,13 @@ TINY = [
     "dataset.num_samples=1000",
     "sparsity.refresh_interval=5",
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests that build runs with trainer.threads set get one thread back afterwards."""
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,3 +66,33 @@ def run_topkast(args, cwd, timeout=600, env=None, module=False) -> subprocess.Co
     cmd = [sys.executable, "-m", "topkast_cli", *args] if module else [topkast_script(), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+# ------------------------------------------------- the sparsity library without the trainer
+def net():
+    """A small MLP, the same for every call."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+
+
+def batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 20, generator=g), torch.randint(0, 5, (32,), generator=g)
+
+
+def step(model, method, optimizer, i):
+    """One training step with the method's hooks in the trainer's order; True if masks changed."""
+    x, y = batch(i)
+    method.before_forward(i)
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    method.after_backward(i)
+    optimizer.step()
+    return method.after_step(i + 1, optimizer)
+
+
+# Optimizers whose weight decay and momentum would move frozen entries if anything leaked.
+OPTIMIZERS = {
+    "sgd_momentum_wd": lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01),
+    "adamw": lambda groups: torch.optim.AdamW(groups, lr=0.05, weight_decay=0.1),
+}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf, open_dict
@@ -80,14 +79,6 @@ def accepted_or_user_error(pairs, run_dir) -> None:
         build(cfg, run_dir)
     except UserError as e:  # found only with the data loaded (e.g. batch larger than the data)
         check_one_line(e, pairs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

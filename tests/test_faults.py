@@ -28,14 +28,6 @@ from topkast_cli.train import train
 # TINY: 20 steps, last.ckpt at steps 10 and 20.
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ckpt_step(run: Path, name: str = "last.ckpt") -> int:
     return torch.load(run / "checkpoints" / name, weights_only=True)["step"]
 

@@ -8,43 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY, make_config
+from conftest import OPTIMIZERS, TINY, batch, make_config, net, step
 from topkast_cli.checkpoint import load_checkpoint
 from topkast_cli.errors import UserError
 from topkast_cli.run_logs import read_jsonl
 from topkast_cli.sparsity import GMP, SET, RigL, Static
 from topkast_cli.train import build_optimizer, train
 
-
-def net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
-
-
-def batch(seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(32, 20, generator=g), torch.randint(0, 5, (32,), generator=g)
-
-
-def step(model, method, optimizer, i):
-    """One trainer step, hooks in the trainer's order."""
-    x, y = batch(i)
-    method.before_forward(i)
-    optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    method.after_backward(i)
-    optimizer.step()
-    return method.after_step(i + 1, optimizer)
-
-
 METHODS = {
     "static": lambda: Static(0.9, regularization=0.01),
     "set": lambda: SET(0.9, update_interval=2, drop_fraction=0.3, regularization=0.01),
     "rigl": lambda: RigL(0.9, update_interval=2, drop_fraction=0.3, end_steps=10, regularization=0.01),
-}
-OPTIMIZERS = {
-    "sgd_momentum_wd": lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01),
-    "adamw": lambda groups: torch.optim.AdamW(groups, lr=0.05, weight_decay=0.1),
 }
 
 

@@ -5,29 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import OPTIMIZERS, batch, net, step
 from topkast_cli.errors import UserError
 from topkast_cli.sparsity import TopKAST
 from topkast_cli.train import build_optimizer
-
-
-def net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
-
-
-def batch(seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(32, 20, generator=g), torch.randint(0, 5, (32,), generator=g)
-
-
-def step(model, method, optimizer, i):
-    x, y = batch(i)
-    method.before_forward(i)
-    optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    method.after_backward(i)
-    optimizer.step()
-    return method.after_step(i + 1, optimizer)
 
 
 def test_exact_counts_every_layer():
@@ -40,12 +21,6 @@ def test_exact_counts_every_layer():
             assert int(layer.backward.sum()) == round(0.2 * layer.numel)
             assert bool((layer.backward | ~layer.forward).all())
         step(model, method, opt, i)
-
-
-OPTIMIZERS = {
-    "sgd_momentum_wd": lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01),
-    "adamw": lambda groups: torch.optim.AdamW(groups, lr=0.05, weight_decay=0.1),
-}
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

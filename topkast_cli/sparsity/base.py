@@ -186,13 +186,19 @@ class SparsityMethod:
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
         """Called when the gradients of step `step` are final (unscaled), before clipping.
-        Adds the regulariser's gradient λ·s⊙θ (s: `regularizer_weights`, zero outside B)."""
+        Adds the regulariser's gradient λ·s⊙θ, s = a·1_A + b·1_B (`regularizer_weights`),
+        in place from the masks the layer already holds: no per-layer tensor for s."""
         if self.regularization_scale == 0.0:
             return
         for layer in self.layers:
-            theta = layer.theta
-            if theta.grad is not None:
-                theta.grad.addcmul_(theta, layer.regularizer_scale, value=self.regularization_scale)
+            theta, masked = layer.theta, layer.masked
+            if theta.grad is None:
+                continue
+            a, b = self.regularizer_weights(layer)
+            if a:
+                theta.grad.addcmul_(theta, masked.forward_mask, value=self.regularization_scale * a)
+            if b:
+                theta.grad.addcmul_(theta, masked.backward_mask, value=self.regularization_scale * b)
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Called after optimizer step number `step` (1-based). Returns True if masks changed."""
@@ -203,13 +209,17 @@ class SparsityMethod:
         """λ/2 · Σ s⊙θ², summed over layers (its gradient is the one applied); None if λ = 0."""
         if not self.layers or self.regularization_scale == 0.0:
             return None
-        total = sum(float((l.theta.detach().square() * l.regularizer_scale).sum()) for l in self.layers)
+        total = 0.0
+        for layer in self.layers:
+            a, b = self.regularizer_weights(layer)
+            square = layer.theta.detach().square()
+            total += a * float((square * layer.masked.forward_mask).sum()) + b * float((square * layer.masked.backward_mask).sum())
         return 0.5 * self.regularization_scale * total
 
-    def regularizer_weights(self, layer: SparseLayer, forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
-        """Per-entry weight s of the regulariser: L2 on the trained entries (B), which is
-        weight decay that leaves frozen entries alone."""
-        return backward.to(layer.theta.dtype)
+    def regularizer_weights(self, layer: SparseLayer) -> tuple[float, float]:
+        """(a, b) of the regulariser's per-entry weight s = a·1_A + b·1_B. Default (0, 1): L2
+        on the trained entries (B), weight decay that leaves frozen entries alone."""
+        return 0.0, 1.0
 
     @property
     def phase(self) -> str:
@@ -233,7 +243,6 @@ class SparsityMethod:
         zero_optimizer_state(optimizer, layer.theta, layer.backward & ~backward)
         layer.forward, layer.backward = forward, backward
         layer.masked.set_masks(forward, backward)
-        layer.regularizer_scale = self.regularizer_weights(layer, forward, backward)
 
     # -------------------------------------------------------------- reporting
     def report(self, step: int) -> dict:

@@ -51,8 +51,10 @@ class MaskedWeight(nn.Module):
         self.use_dense = False  # evaluate the dense θ (eval.dense=true)
 
     def set_masks(self, forward: torch.Tensor, backward: torch.Tensor) -> None:
+        # Float masks: a float product is faster than one with a bool mask. B = A (the same
+        # tensor) shares one.
         self.forward_mask = forward.to(self.forward_mask.dtype)
-        self.backward_mask = backward.to(self.backward_mask.dtype)
+        self.backward_mask = self.forward_mask if backward is forward else backward.to(self.forward_mask.dtype)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         if self.use_dense:

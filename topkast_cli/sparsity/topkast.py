@@ -7,7 +7,7 @@ import torch
 
 from ..errors import UserError
 from .base import SparseLayer, SparsityMethod, check_steps, resolve_steps
-from .topk import topk_masks
+from .topk import topk_mask, topk_masks
 
 
 class TopKAST(SparsityMethod):
@@ -53,14 +53,15 @@ class TopKAST(SparsityMethod):
         return self._top(layer)
 
     def _top(self, layer: SparseLayer):
-        k_backward = layer.k_forward if self.locked else layer.k_backward
-        return topk_masks(layer.theta.detach().abs(), layer.k_forward, k_backward)
+        if self.locked:  # B = A: one mask, shared
+            forward = topk_mask(layer.theta.detach().abs(), layer.k_forward)
+            return forward, forward
+        return topk_masks(layer.theta.detach().abs(), layer.k_forward, layer.k_backward)
 
-    def regularizer_weights(self, layer, forward, backward):
-        # 1 on A, 1/D on B \ A: candidates pay more to stay, so only those whose gradient
-        # keeps pushing them grow into A.
-        scale = forward.to(layer.theta.dtype)
-        return scale.add_((backward & ~forward).to(scale.dtype), alpha=1.0 / layer.density)
+    def regularizer_weights(self, layer):
+        # s = 1 on A, 1/D on B \ A: candidates pay more to stay, so only those whose gradient
+        # keeps pushing them grow into A. As a·1_A + b·1_B: a = 1 - 1/D, b = 1/D.
+        return 1.0 - 1.0 / layer.density, 1.0 / layer.density
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer=None) -> bool:

@@ -1,0 +1,93 @@
+"""Peak memory of a Top-KAST run relative to dense. Each setting runs in a fresh process
+(peak resident memory cannot be reset within one); CUDA uses the allocator's own peak."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .common import header, write
+from .speed import MODELS, TOPKAST, make_run, time_steps
+
+SETTINGS = {
+    "dense": ["sparsity=dense"],
+    "Top-KAST 90/80": [*TOPKAST, "sparsity.refresh_interval=2"],  # a refresh in the measured steps
+}
+
+
+def _status(key: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _bytes(tensors) -> int:
+    """Bytes of distinct tensors (a mask shared by A and B counts once)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)}
+    return sum(seen.values())
+
+
+def one(overrides: list[str], steps: int) -> dict:
+    """Memory of one run over a few training steps, in bytes."""
+    before = _status("VmRSS")
+    with tempfile.TemporaryDirectory() as tmp:
+        run, batches, params = make_run(overrides, Path(tmp))
+        time_steps(run, batches, params, steps)
+        # VmHWM: this process's peak resident memory (reset by exec, unlike ru_maxrss).
+        peak = _status("VmHWM") - before
+        if run.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+        method_state = []
+        for layer in run.method.layers:
+            m = layer.masked
+            method_state += [layer.forward, layer.backward, m.forward_mask, m.backward_mask]
+        return {
+            "peak": peak,
+            "parameters": _bytes(run.model.parameters()),
+            "gradients": _bytes(p.grad for p in run.model.parameters()),
+            "optimizer": _bytes(v for s in run.optimizer.state.values() for v in s.values()),
+            "masks": _bytes(method_state),
+        }
+
+
+def main(out: Path, quick: bool = False) -> Path:
+    steps = 2 if quick else 4
+    lines = [header("Memory: Top-KAST relative to dense")]
+    lines.append(
+        f"Each run in a fresh process, {steps} training steps (Top-KAST with a refresh among them). "
+        "`peak` is the growth of peak resident memory over the process before the run was built "
+        "(CUDA: the allocator's peak); the other columns count tensor bytes: parameters, gradients, "
+        "optimizer state (Adam), and the method's masks (bool for the logic, float for the product).\n"
+    )
+    columns = ("peak", "parameters", "gradients", "optimizer", "masks")
+    for model, (overrides, _) in MODELS.items():
+        print(f"memory: {model}", flush=True)
+        found = {}
+        for name, o in SETTINGS.items():
+            cmd = [sys.executable, "-m", "bench.memory", "--one", json.dumps([*overrides, *o]), "--steps", str(steps)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+            found[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        dense = found["dense"]
+        lines.append(f"\n## {model}\n\n| setting | " + " | ".join(f"{c} (MiB)" for c in columns) + " | peak relative to dense |")
+        lines.append("|---" * (len(columns) + 2) + "|")
+        for name, r in found.items():
+            cells = " | ".join(f"{r[c] / 2**20:.1f}" for c in columns)
+            lines.append(f"| {name} | {cells} | {r['peak'] / max(1, dense['peak']):.2f} |")
+    return write(out, "memory.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one memory measurement (used by bench.memory.main)")
+    parser.add_argument("--one", required=True, help="JSON list of overrides")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    print(json.dumps(one(json.loads(args.one), args.steps)))
