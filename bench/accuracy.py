@@ -72,14 +72,20 @@ def main(out: Path, quick: bool = False, jobs: int = 2) -> list[Path]:
         grid, dense = runs_dir / name / "methods", runs_dir / name / "dense"
         topkast_sweep([*overrides, f"sparsity={methods}", f"sparsity.forward={sparsities}", f"seed={seeds}"], grid, jobs)
         topkast_sweep([*overrides, "sparsity.forward=0", f"seed={seeds}"], dense, jobs)
-        rows = sweep.collect(grid) + sweep.collect(dense)
-        text = header(f"Accuracy vs sparsity: {title}")
-        text += (
-            f"Final held-out accuracy (%), mean ± std over seeds {seeds}; every method with its defaults "
-            "(see `topkast_cli/conf/sparsity/`), the same data, budget and optimizer. Plot: "
-            f"[accuracy_{name}.png](accuracy_{name}.png).\n\n" + pivot(rows) + "\nEvery run:\n\n" + sweep.markdown(rows)
-        )
-        written.append(write(out, f"accuracy_{name}.md", text))
-        sweep.write_csv(rows, out / f"accuracy_{name}.csv")
-        sweep.plot(rows, out / f"accuracy_{name}.png")
+        written.append(report(name, title, [grid, dense], out, seeds))
     return written
+
+
+def report(name: str, title: str, sweep_dirs: list[Path], out: Path, seeds: str) -> Path:
+    """The table (markdown, CSV) and plot of one task from its sweep directories."""
+    rows = [row for d in sweep_dirs for row in sweep.collect(d)]
+    text = header(f"Accuracy vs sparsity: {title}")
+    text += (
+        f"Final held-out accuracy (%), mean ± std over seeds {seeds}; every method with its defaults "
+        "(see `topkast_cli/conf/sparsity/`), the same data, budget and optimizer. Plot: "
+        f"[accuracy_{name}.png](accuracy_{name}.png).\n\n" + pivot(rows) + "\nEvery run:\n\n" + sweep.markdown(rows)
+    )
+    path = write(out, f"accuracy_{name}.md", text)
+    sweep.write_csv(rows, out / f"accuracy_{name}.csv")
+    sweep.plot(rows, out / f"accuracy_{name}.png")
+    return path

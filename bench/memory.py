@@ -80,7 +80,7 @@ def main(out: Path, quick: bool = False) -> Path:
         lines.append(f"\n## {model}\n\n| setting | " + " | ".join(f"{c} (MiB)" for c in columns) + " | peak relative to dense |")
         lines.append("|---" * (len(columns) + 2) + "|")
         for name, r in found.items():
-            cells = " | ".join(f"{r[c] / 2**20:.1f}" for c in columns)
+            cells = " | ".join(f"{r[c] / 2**20:.2f}" for c in columns)
             lines.append(f"| {name} | {cells} | {r['peak'] / max(1, dense['peak']):.2f} |")
     return write(out, "memory.md", "\n".join(lines) + "\n")
 

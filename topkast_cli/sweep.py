@@ -102,6 +102,10 @@ def job_row(job_dir: Path, root: Path) -> dict:
     sp = config.get("sparsity") or {}
     forward = float(sp.get("forward", 0.0) or 0.0)
     backward = sp.get("backward")
+    if "backward" not in sp:  # a method with B = A (static, SET, RigL, GMP)
+        backward, setting = forward, "-"
+    else:
+        setting = "2x density" if backward is None else str(backward)
     row = {
         "job": str(job_dir.relative_to(root)),
         "overrides": [str(o) for o in overrides],
@@ -111,7 +115,7 @@ def job_row(job_dir: Path, root: Path) -> dict:
         "dataset": _short(OmegaConf.select(config, "dataset._target_")),
         "forward_sparsity": forward,
         "backward_sparsity": backward if backward is not None else max(0.0, 1.0 - 2.0 * (1.0 - forward)),
-        "backward_setting": "2x density" if backward is None else str(backward),
+        "backward_setting": setting,
         "seed": config.get("seed"),
         "sparse_density": None,
         "density": None,
