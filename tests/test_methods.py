@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import OPTIMIZERS, TINY, batch, make_config, net, step
+from test_eval import eval_config
 from topkast_cli.checkpoint import load_checkpoint
 from topkast_cli.errors import UserError
+from topkast_cli.evaluate import evaluate_checkpoint
 from topkast_cli.run_logs import read_jsonl
 from topkast_cli.sparsity import GMP, SET, RigL, Static
 from topkast_cli.train import build_optimizer, train
@@ -211,3 +213,12 @@ def test_resume_is_exact(tmp_path, name):
     assert metrics[0] == metrics[1]
     churn = [r["layers"] for r in read_jsonl(tmp_path / "straight" / "sparsity.jsonl") if r["step"] > 0]
     assert name == "static" or any(l["churn"] > 0 for r in churn for l in r.values()), "masks should move"
+
+
+@pytest.mark.parametrize("name", ["set", "gmp"])
+def test_eval_rebuilds_the_method_from_the_checkpoint(tmp_path, name):
+    # GMP's schedule points are fractions of the run: eval must resolve them the same way.
+    tiny = [o for o in TINY if not o.startswith("sparsity.")]
+    summary = train(make_config([*tiny, f"sparsity={name}", "trainer.tensorboard=false"]), tmp_path)
+    report = evaluate_checkpoint(eval_config(tmp_path / "checkpoints" / "last.ckpt"))
+    assert report["metrics"]["acc1"] == summary["final"]["acc1"]

@@ -244,6 +244,12 @@ def meta_model(cfg: DictConfig, data=None):
             return None
 
 
+def run_length(trainer: DictConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: `max_steps`, or `epochs` x steps per epoch. Schedule points
+    given as fractions of the run are fractions of this."""
+    return trainer.max_steps if trainer.max_steps is not None else trainer.epochs * steps_per_epoch
+
+
 def without_hydra(cfg: DictConfig) -> DictConfig:
     """The job's own config: a copy without the `hydra` node."""
     job = cfg.copy()

@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_checkpoint
-from .config import PRECISIONS, compose, instantiate
+from .config import PRECISIONS, compose, instantiate, run_length
 from .errors import UserError
 from .flops import count_flops, total
 from .run_logs import write_json_atomic
@@ -167,7 +167,8 @@ def rebuild(state: dict, cfg_eval: DictConfig, device: torch.device):
     data = instantiate(saved.dataset, "dataset").setup()
     model = instantiate(saved.model, "model", num_classes=data.num_classes, input_shape=tuple(data.input_shape))
     model = model.to(device)
-    method = instantiate(saved.sparsity, "sparsity").attach(model)
+    # The run's length resolves schedule points given as fractions (e.g. GMP's end_steps).
+    method = instantiate(saved.sparsity, "sparsity").attach(model, run_length(saved.trainer, data.steps_per_epoch))
     try:
         load_plain_state_dict(model, state["model"])
         method.load_state_dict({"masks": state["masks"], **(state.get("sparsity") or {})})

@@ -127,7 +127,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     model = config.instantiate(cfg.model, "model", num_classes=data.num_classes, input_shape=tuple(data.input_shape))
     model = model.to(device)
     t = cfg.trainer
-    total_steps = t.max_steps if t.max_steps is not None else t.epochs * data.steps_per_epoch
+    total_steps = config.run_length(t, data.steps_per_epoch)
     method = instantiate(cfg.sparsity, _convert_="all").attach(model, total_steps=total_steps)
     optimizer = build_optimizer(instantiate(cfg.optimizer, _convert_="all"), model, method)
     scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer, total_steps=total_steps)

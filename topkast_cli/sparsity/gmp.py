@@ -50,6 +50,8 @@ class GMP(SparsityMethod):
 
     def count(self, layer: SparseLayer, step: int) -> int:
         """Active weights of `layer` after step `step` on the cubic schedule."""
+        if self.begin_steps is None or self.end_steps is None:
+            raise UserError("gmp: begin_steps/end_steps given as fractions need the run's length: attach(model, total_steps=N)")
         if step >= self.end_steps:
             return layer.k_forward
         if step <= self.begin_steps:
