@@ -27,7 +27,7 @@ class TopKAST(SparsityMethod):
         self,
         forward: float = 0.9,
         backward: float | None = None,
-        refresh_interval: int = 100,
+        refresh_interval: int = 25,
         exploration_steps: int | None = None,
         regularization: float = 0.0,
         **selection,
