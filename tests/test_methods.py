@@ -147,7 +147,7 @@ def test_gmp_follows_the_cubic_schedule_and_only_prunes():
     method = GMP(0.9, begin_steps=2, end_steps=8, prune_interval=2).attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     layer = method.layers[0]
-    assert bool(layer.forward.all()) and method.phase == "prune"
+    assert bool(layer.forward.all()) and method.phase(0) == "prune"
     counts, previous = [], layer.forward.clone()
     for i in range(10):
         step(model, method, optimizer, i)
@@ -158,7 +158,7 @@ def test_gmp_follows_the_cubic_schedule_and_only_prunes():
     assert counts[:2] == [n, n]
     assert counts[3] == k + round((n - k) * (1 - 2 / 6) ** 3)  # step 4
     assert counts[5] == k + round((n - k) * (1 - 4 / 6) ** 3)  # step 6
-    assert counts[7:] == [k, k, k] and method.phase == "fixed"
+    assert counts[7:] == [k, k, k] and method.phase(10) == "fixed"
 
 
 def test_gmp_prunes_by_magnitude():
@@ -222,3 +222,13 @@ def test_eval_rebuilds_the_method_from_the_checkpoint(tmp_path, name):
     summary = train(make_config([*tiny, f"sparsity={name}", "trainer.tensorboard=false"]), tmp_path)
     report = evaluate_checkpoint(eval_config(tmp_path / "checkpoints" / "last.ckpt"))
     assert report["metrics"]["acc1"] == summary["final"]["acc1"]
+
+
+def test_a_resumed_method_with_b_equal_a_keeps_one_mask():
+    model = net()
+    method = SET(0.8).attach(model)
+    assert all(l.masked.backward_mask is l.masked.forward_mask for l in method.layers)
+    other = SET(0.8).attach(net())
+    other.load_state_dict(method.state_dict())
+    assert all(l.masked.backward_mask is l.masked.forward_mask for l in other.layers)
+    assert all(torch.equal(a.forward, b.forward) for a, b in zip(method.layers, other.layers))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import UserError
+from ..errors import UserError, check_int
 
 
 class EpochSampler(Sampler):
@@ -50,12 +50,6 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-def _check_positive_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{key}={value!r} must be an integer >= 1")
-    return value
-
-
 class DataModule:
     """A train split and a held-out split (`val`: the dataset's validation or test set),
     with the loaders the trainer iterates. Subclasses build `train_set` and `val_set` in
@@ -67,11 +61,9 @@ class DataModule:
     random_train_transform = False  # True: train samples are augmented (see SeededSamples)
 
     def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0):
-        self.batch_size = _check_positive_int("dataset.batch_size", batch_size)
-        self.eval_batch_size = _check_positive_int("dataset.eval_batch_size", eval_batch_size or batch_size)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise UserError(f"dataset.num_workers={num_workers!r} must be an integer >= 0")
-        self.num_workers = num_workers
+        self.batch_size = check_int("dataset.batch_size", batch_size)
+        self.eval_batch_size = check_int("dataset.eval_batch_size", eval_batch_size or batch_size)
+        self.num_workers = check_int("dataset.num_workers", num_workers, lo=0)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 

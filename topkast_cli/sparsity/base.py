@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, check_number
 from .distribution import DISTRIBUTIONS, backward_counts, layer_counts
 from .masking import MaskedWeight, attach, dense_parameter, named_masked_weights
 from .selection import select_sparse_layers
@@ -116,9 +116,7 @@ class SparsityMethod:
         self.dense_first = bool(dense_first)
         self.dense_layers = list(dense_layers or ())
         self.include_embeddings = bool(include_embeddings)
-        if isinstance(regularization, bool) or not isinstance(regularization, (int, float)) or regularization < 0:
-            raise UserError(f"sparsity.regularization={regularization!r} must be a number >= 0")
-        self.regularization_scale = float(regularization)
+        self.regularization_scale = check_number("sparsity.regularization", regularization)
         self.layers: list[SparseLayer] = []
 
     # ----------------------------------------------------------------- set-up
@@ -221,8 +219,8 @@ class SparsityMethod:
         on the trained entries (B), weight decay that leaves frozen entries alone."""
         return 0.0, 1.0
 
-    @property
-    def phase(self) -> str:
+    def phase(self, step: int) -> str:
+        """What the method is doing after `step` steps (logged with each sparsity record)."""
         return "static" if self.layers else "dense"
 
     # ---------------------------------------------------------------- helpers
@@ -259,7 +257,7 @@ class SparsityMethod:
             n, nf, nb = n + layer.numel, nf + f, nb + b
         return {
             "step": step,
-            "phase": self.phase,
+            "phase": self.phase(step),
             "forward_density": nf / n if n else 1.0,
             "backward_density": nb / n if n else 1.0,
             "layers": layers,
@@ -286,7 +284,10 @@ class SparsityMethod:
         for layer in self.layers:
             m = masks[layer.name]
             device = layer.theta.device
-            self.set_masks(layer, m["forward"].to(device), m["backward"].to(device))
+            forward, backward = m["forward"].to(device), m["backward"].to(device)
+            if torch.equal(forward, backward):
+                backward = forward  # one shared mask, as before the checkpoint
+            self.set_masks(layer, forward, backward)
             layer.churn = state.get("churn", {}).get(layer.name, 0.0)
         self.load_extra_state(state.get("extra") or {})
 

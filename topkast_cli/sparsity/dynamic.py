@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, check_int, check_number
 from .base import SparseLayer, SparsityMethod, check_steps, resolve_steps, zero_optimizer_state
 from .static import random_mask
 from .topk import topk_mask
@@ -30,16 +30,13 @@ class DynamicSparse(SparsityMethod):
         **selection,
     ):
         super().__init__(forward, forward, regularization=regularization, **selection)
-        if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
-            raise UserError(f"sparsity.update_interval={update_interval!r} must be an integer >= 1")
-        if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 <= drop_fraction <= 1:
-            raise UserError(f"sparsity.drop_fraction={drop_fraction!r} must be a number in [0, 1]")
         if decay not in DECAYS:
             raise UserError(f"sparsity.decay={decay!r} is not known; allowed: {', '.join(DECAYS)}")
-        self.update_interval, self.drop_fraction, self.decay = update_interval, float(drop_fraction), decay
+        self.update_interval = check_int("sparsity.update_interval", update_interval)
+        self.drop_fraction = check_number("sparsity.drop_fraction", drop_fraction, 0.0, 1.0)
+        self.decay = decay
         self.end = check_steps("sparsity.end_steps", end_steps)
         self.generator = torch.Generator()
-        self.steps_done = 0
         self.resolve_schedule(None)
 
     def resolve_schedule(self, total_steps):
@@ -51,11 +48,10 @@ class DynamicSparse(SparsityMethod):
         self.generator.manual_seed(int(torch.randint(2**62, ())))
         return super().attach(model, total_steps)
 
-    @property
-    def phase(self) -> str:
+    def phase(self, step: int) -> str:
         if not self.layers:
             return "dense"
-        return "fixed" if self.end_steps is not None and self.steps_done >= self.end_steps else "dynamic"
+        return "fixed" if self.end_steps is not None and step >= self.end_steps else "dynamic"
 
     def initial_masks(self, layer: SparseLayer):
         mask = random_mask(layer.theta.shape, layer.k_forward, layer.theta.device, self.generator)
@@ -79,7 +75,6 @@ class DynamicSparse(SparsityMethod):
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer=None) -> bool:
-        self.steps_done = step
         if not self.update_due(step):
             return False
         fraction = self.fraction(step)
@@ -106,9 +101,8 @@ class DynamicSparse(SparsityMethod):
         self.set_masks(layer, new, new, optimizer)
 
     def extra_state(self) -> dict:
-        return {"generator": self.generator.get_state(), "steps_done": self.steps_done}
+        return {"generator": self.generator.get_state()}
 
     def load_extra_state(self, state: dict) -> None:
         if "generator" in state:
             self.generator.set_state(state["generator"])
-        self.steps_done = int(state.get("steps_done", 0))

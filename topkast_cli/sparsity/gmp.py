@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, check_int
 from .base import SparseLayer, SparsityMethod, check_steps, resolve_steps
 from .topk import topk_mask
 
@@ -31,9 +31,7 @@ class GMP(SparsityMethod):
         **selection,
     ):
         super().__init__(forward, forward, regularization=regularization, **selection)
-        if isinstance(prune_interval, bool) or not isinstance(prune_interval, int) or prune_interval < 1:
-            raise UserError(f"sparsity.prune_interval={prune_interval!r} must be an integer >= 1")
-        self.prune_interval = prune_interval
+        self.prune_interval = check_int("sparsity.prune_interval", prune_interval)
         self.begin = check_steps("sparsity.begin_steps", begin_steps)
         self.end = check_steps("sparsity.end_steps", end_steps)
         if self.begin is None or self.end is None:
@@ -68,12 +66,10 @@ class GMP(SparsityMethod):
             return active
         return topk_mask(layer.theta.detach().abs().masked_fill(~active, -math.inf), k)
 
-    @property
-    def phase(self) -> str:
+    def phase(self, step: int) -> str:
         if not self.layers:
             return "dense"
-        done = sum(int(l.forward.sum()) for l in self.layers) == sum(l.k_forward for l in self.layers)
-        return "fixed" if done else "prune"
+        return "fixed" if step >= self.end_steps else "prune"
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer=None) -> bool:

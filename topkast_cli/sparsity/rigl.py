@@ -22,15 +22,19 @@ class RigL(DynamicSparse):
     def __init__(self, forward=0.9, update_interval=100, drop_fraction=0.3, decay="cosine", end_steps=0.75, **kwargs):
         super().__init__(forward, update_interval, drop_fraction, decay, end_steps, **kwargs)
         self.scores: dict[str, torch.Tensor] = {}
+        self.capturing = False  # the backward masks are open to every entry for this step
 
     def before_forward(self, step: int) -> None:
-        self.scores = {}
-        if self.update_due(step + 1):
+        self.capturing = self.update_due(step + 1)
+        if self.capturing:
             for layer in self.layers:
                 layer.masked.set_masks(layer.forward, torch.ones_like(layer.backward))
-            self.capturing = True
-        else:
-            self.capturing = False
+
+    def _close(self) -> None:
+        """Back to B = A in every layer."""
+        for layer in self.layers:
+            layer.masked.set_masks(layer.forward, layer.backward)
+        self.capturing = False
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
@@ -40,17 +44,14 @@ class RigL(DynamicSparse):
                 if grad is not None:
                     self.scores[layer.name] = grad.abs()
                     grad.mul_(layer.backward)
-                layer.masked.set_masks(layer.forward, layer.backward)
-            self.capturing = False
+            self._close()
         super().after_backward(step)
 
     def after_step(self, step: int, optimizer=None) -> bool:
         if self.capturing:  # the step was skipped before its gradients were final
-            for layer in self.layers:
-                layer.masked.set_masks(layer.forward, layer.backward)
-            self.capturing = False
+            self._close()
         changed = super().after_step(step, optimizer)
-        self.scores = {}
+        self.scores = {}  # the dense gradients are only kept for the update they serve
         return changed
 
     def grow_scores(self, layer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ..errors import check_int
 from .base import SparseLayer, SparsityMethod, check_steps, resolve_steps
 from .topk import topk_mask, topk_masks
 
@@ -33,18 +33,15 @@ class TopKAST(SparsityMethod):
         **selection,
     ):
         super().__init__(forward, backward, regularization=regularization, **selection)
-        if isinstance(refresh_interval, bool) or not isinstance(refresh_interval, int) or refresh_interval < 1:
-            raise UserError(f"sparsity.refresh_interval={refresh_interval!r} must be an integer >= 1")
         self.exploration = check_steps("sparsity.exploration_steps", exploration_steps)
-        self.refresh_interval = refresh_interval
+        self.refresh_interval = check_int("sparsity.refresh_interval", refresh_interval)
         self.resolve_schedule(None)
 
     def resolve_schedule(self, total_steps):
         self.exploration_steps = resolve_steps(self.exploration, total_steps)
         self.locked = self.exploration_steps == 0
 
-    @property
-    def phase(self) -> str:
+    def phase(self, step: int) -> str:
         if not self.layers:
             return "dense"
         return "refine" if self.locked else "explore"
