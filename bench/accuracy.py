@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from topkast_cli import sweep
+from topkast_cli import sweep_summary as sweep
 
 from .common import header, write
 

@@ -48,8 +48,7 @@ def one(overrides: list[str], steps: int) -> dict:
             peak = torch.cuda.max_memory_allocated()
         method_state = []
         for layer in run.method.layers:
-            m = layer.masked
-            method_state += [layer.forward, layer.backward, m.forward_mask, m.backward_mask]
+            method_state += [layer.forward, layer.backward]
         return {
             "peak": peak,
             "parameters": _bytes(run.model.parameters()),
@@ -66,7 +65,7 @@ def main(out: Path, quick: bool = False) -> Path:
         f"Each run in a fresh process, {steps} training steps (Top-KAST with a refresh among them). "
         "`peak` is the growth of peak resident memory over the process before the run was built "
         "(CUDA: the allocator's peak); the other columns count tensor bytes: parameters, gradients, "
-        "optimizer state (Adam), and the method's masks (bool for the logic, float for the product).\n"
+        "optimizer state (Adam), and the method's masks (bool, stored once per layer; B = A shares one).\n"
     )
     columns = ("peak", "parameters", "gradients", "optimizer", "masks")
     for model, (overrides, _) in MODELS.items():

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from topkast_cli.config import compose, without_hydra
-from topkast_cli.train import build, train_step
+from topkast_cli.loop import train_step
+from topkast_cli.run import build_run
 
 from .common import header, write
 
@@ -37,7 +38,7 @@ SETTINGS = {
 
 def make_run(overrides: list[str], where: Path):
     cfg = without_hydra(compose("train", [*overrides, "trainer.max_steps=100000", "trainer.progress=false"]))
-    run = build(cfg, where)
+    run = build_run(cfg, where)
     run.model.train()
     batches = []
     for x, y in run.data.train_loader(0, cfg.seed, 0):
@@ -70,7 +71,7 @@ def refresh_time(run, n: int = 5) -> float:
     _sync(run)
     t0 = time.perf_counter()
     for _ in range(n):
-        method.after_step(method.refresh_interval, run.optimizer)
+        method.after_step(method.schedule.every, run.optimizer)
     _sync(run)
     return (time.perf_counter() - t0) / n
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -61,11 +62,34 @@ def topkast_script() -> str:
     return str(script)
 
 
+def default_signals() -> None:
+    """`preexec_fn` for subprocesses: SIGINT and SIGTERM at their defaults in the child, as a
+    terminal starts a program. pytest may run with SIGINT ignored (a background job, some CI
+    runners), and an ignored signal stays ignored across exec: the child's Python would then
+    install no KeyboardInterrupt handler, and the trainer (rightly) leaves ignored signals alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.fixture
+def default_signal_handlers():
+    """For in-process tests that send SIGINT/SIGTERM: Python's own handlers (KeyboardInterrupt,
+    terminate), whatever pytest was started with; the previous ones are put back afterwards."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
 def run_topkast(args, cwd, timeout=600, env=None, module=False) -> subprocess.CompletedProcess:
     """Run `topkast args...` (or `python -m topkast_cli`) in `cwd`; output captured."""
     cmd = [sys.executable, "-m", "topkast_cli", *args] if module else [topkast_script(), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env, preexec_fn=default_signals
+    )
 
 
 # ------------------------------------------------- the sparsity library without the trainer

@@ -65,13 +65,23 @@ CASES = {
     "resume-auto-truncated-last": (["resume=auto", "hydra.run.dir={run}"], ["truncated", "last.ckpt"], "truncate"),
     "output-dir-under-a-file": (["hydra.run.dir={tmp}/a_file/run"], ["hydra.run.dir=", "a_file is a file"], None),
     "fresh-run-over-a-run": (["hydra.run.dir={run}"], ["already holds a run", "resume=auto"], None),
+    "model-does-not-fit-data": (
+        ["dataset=digits", "model=cnn1d", *FRESH],
+        ["model (CNN1d) does not fit dataset Digits", "[1, 8, 8]", "conv1d"],
+        None,
+    ),
+    "input-too-small-for-model": (
+        ["dataset=synthetic", "dataset.input_shape=[5]", "model=cnn1d", *FRESH],
+        ["model (CNN1d)", "dataset Synthetic", "[5]"],
+        None,
+    ),
     "dataset-root-missing": (
         ["dataset=cifar10", "dataset.root={tmp}/no_such_dir", *FRESH],
         ["dataset.root=", "no_such_dir", "dataset.download=true"],
         None if HAS_CIFAR else "no cifar10 dataset config yet",
     ),
     "dataset-not-downloaded": (
-        ["dataset=cifar10", "dataset.root={tmp}/empty_dir", "hydra.run.dir={tmp}/{id}-new"],
+        ["dataset=cifar10", "model=resnet18", "dataset.root={tmp}/empty_dir", "hydra.run.dir={tmp}/{id}-new"],
         ["dataset.root=", "empty_dir"],
         None if HAS_CIFAR else "no cifar10 dataset config yet",
     ),

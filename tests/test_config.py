@@ -9,11 +9,12 @@ import torch
 import topkast_cli
 from conftest import make_config
 from topkast_cli.config import instantiate, validate
+from topkast_cli.run import check_run
 
 CONF = Path(topkast_cli.__file__).parent / "conf"
-OPTIONS = [
+OPTIONS = [  # (experiment: whole-config presets, in test_recipes.py)
     (group.name, option.stem)
-    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and not p.name.startswith(("_", "hydra")))
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment") and not p.name.startswith("_"))
     for option in sorted(group.glob("*.yaml"))
 ]
 
@@ -37,6 +38,7 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
     cfg = make_config([f"{group}={option}", *extra])
     assert cfg[group] is not None
     validate(cfg)
+    check_run(cfg)  # built on the meta device, one batch through it
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "optimizer"])
@@ -62,7 +64,7 @@ def test_contract_keys_exist():
 def test_overrides_reach_the_objects():
     cfg = make_config(["sparsity.forward=0.95", "sparsity.refresh_interval=7", "optimizer.lr=0.003"])
     method = instantiate(cfg.sparsity, "sparsity")
-    assert method.forward_sparsity == 0.95 and method.refresh_interval == 7
+    assert method.forward_sparsity == 0.95 and method.schedule.every == 7
     assert abs(method.backward_sparsity - 0.9) < 1e-9, "backward null: density 2x forward"
     assert cfg.optimizer.lr == 0.003
 
@@ -71,4 +73,4 @@ def test_a_missing_mandatory_value_is_named():
     from topkast_cli.errors import UserError
 
     with pytest.raises(UserError, match=r"dataset.root is required"):
-        validate(make_config(["dataset=imagefolder"]))
+        check_run(make_config(["dataset=imagefolder"]))

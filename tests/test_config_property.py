@@ -2,7 +2,7 @@
 refused with a one-line UserError (the CLI prints it and exits with code 2): never another
 exception, which the console script would show as a traceback.
 
-In-process, through what the CLI runs for each job (`config.check_job`), then `build()`,
+In-process, through what the CLI runs for each job (`commands.train.check_job`), then `build_run()`,
 so that many examples stay fast; test_bad_input.py runs a handful through the script.
 """
 
@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf, open_dict
 
-from topkast_cli.config import check_job
+from topkast_cli.commands.train import check_job
+from topkast_cli.config import compose
 from topkast_cli.errors import UserError
-from topkast_cli.train import build
+from topkast_cli.run import build_run
 
 KEYS = [
     "trainer.max_steps",
@@ -68,7 +69,8 @@ def check_one_line(error: UserError, pairs) -> None:
 def accepted_or_user_error(pairs, run_dir) -> None:
     args = BASE + [f"{k}={v}" for k, v in pairs]
     try:
-        cfg = check_job("train", args)
+        cfg = compose("train", args)
+        check_job(cfg, None)
     except UserError as e:
         check_one_line(e, pairs)
         return
@@ -76,7 +78,7 @@ def accepted_or_user_error(pairs, run_dir) -> None:
         del cfg["hydra"]
     OmegaConf.resolve(cfg)
     try:
-        build(cfg, run_dir)
+        build_run(cfg, run_dir)
     except UserError as e:  # found only with the data loaded (e.g. batch larger than the data)
         check_one_line(e, pairs)
 

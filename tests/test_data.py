@@ -20,7 +20,7 @@ import topkast_cli
 from topkast_cli.config import instantiate
 from topkast_cli.data import DataModule
 from topkast_cli.errors import UserError
-from topkast_cli.train import train
+from topkast_cli.commands.train import train
 
 DATASET_DIR = Path(topkast_cli.__file__).parent / "conf" / "dataset"
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]  # one colour per class in the image folders

@@ -13,7 +13,7 @@ from topkast_cli.config import compose
 from topkast_cli.errors import UserError
 from topkast_cli.evaluate import checkpoint_overrides, evaluate_checkpoint
 from topkast_cli.run_logs import read_jsonl
-from topkast_cli.train import train
+from topkast_cli.commands.train import train
 
 
 @pytest.fixture(scope="module")

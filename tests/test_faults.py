@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from conftest import TINY, make_config
-from topkast_cli.cli import _preflight
+from topkast_cli.commands import train as train_command
+from topkast_cli.launch import preflight
 from topkast_cli.data.base import DataModule
 from topkast_cli.errors import RunFailed, UserError
 from topkast_cli.run_logs import RunLogs, read_jsonl
-from topkast_cli.train import train
+from topkast_cli.commands.train import train
 
 # TINY: 20 steps, last.ckpt at steps 10 and 20.
 
@@ -257,7 +258,7 @@ def finished(tmp_path_factory) -> Path:
 
 def preflight_error(args) -> str:
     with pytest.raises(UserError) as e:
-        _preflight("train", [*TINY, *args])
+        preflight("train", [*TINY, *args], train_command.check_job)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -282,7 +283,11 @@ def test_resume_with_another_sparsity_is_refused(tmp_path, finished):
 
 
 def test_resume_may_change_the_budget_and_refresh_interval(finished):
-    _preflight("train", [*TINY, f"resume={finished / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=40", "sparsity.refresh_interval=7"])
+    preflight(
+        "train",
+        [*TINY, f"resume={finished / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=40", "sparsity.refresh_interval=7"],
+        train_command.check_job,
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="as root, permission bits do not stop writes")

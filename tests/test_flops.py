@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from topkast_cli.flops import count_flops, total
-from topkast_cli.sparsity import TopKAST, use_dense_weights
+from topkast_cli.sparsity import TopKAST
 
 
 def small_net():
@@ -52,7 +52,7 @@ def test_counts_the_effective_weight_of_sparse_layers():
     assert (k_conv, k_fc) == (3, 40)  # round(0.25 x 12), round(0.25 x 160)
     assert conv.type == "Conv1d" and conv.nonzero == k_conv and conv.flops == 2 * k_conv * 8
     assert fc.nonzero == k_fc and fc.flops == 2 * k_fc
-    use_dense_weights(net, True)
+    method.use_dense_weights(True)
     conv, fc = count_flops(net, torch.randn(1, 1, 10))
     assert conv.flops == conv.dense_flops and fc.flops == fc.dense_flops
 

@@ -19,9 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config, topkast_script
+from conftest import default_signals, make_config, topkast_script
 from topkast_cli.run_logs import read_jsonl
-from topkast_cli.train import StopSignals, train
+from topkast_cli.commands.train import train
+from topkast_cli.signals import StopSignals
+
+# Every test here starts from Python's own SIGINT/SIGTERM handlers, however pytest was started
+# (with SIGINT ignored in a background job or some CI runners, the trainer leaves it alone).
+pytestmark = pytest.mark.usefixtures("default_signal_handlers")
 
 STEPS = 100
 ARGS = [
@@ -71,7 +76,8 @@ def spawn(args, cwd: Path, name: str, new_session: bool = False) -> subprocess.P
     out = (cwd / f"{name}.out").open("w")
     err = (cwd / f"{name}.err").open("w")
     return subprocess.Popen(
-        [topkast_script(), *args], cwd=cwd, stdout=out, stderr=err, env=env, start_new_session=new_session
+        [topkast_script(), *args], cwd=cwd, stdout=out, stderr=err, env=env, start_new_session=new_session,
+        preexec_fn=default_signals,  # SIGINT as a terminal leaves it, even if pytest runs with it ignored
     )
 
 
@@ -320,7 +326,7 @@ def test_forked_child_leaves_ctrl_c_to_the_main_process_and_ends_on_sigterm():
 
 
 def test_loader_that_breaks_after_a_stop_signal_ends_the_epoch_quietly():
-    from topkast_cli.train import _batches
+    from topkast_cli.loop import _batches
 
     def loader():
         yield 1

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from topkast_cli.sparsity import TopKAST, load_plain_state_dict, plain_state_dict, use_dense_weights
+from topkast_cli.sparsity import TopKAST, load_plain_state_dict, plain_state_dict
 
 
 def small_net():
@@ -85,9 +85,9 @@ def test_plain_state_dict_has_dense_names_and_round_trips():
 def test_dense_evaluation_switch():
     model = small_net()
     reference = copy.deepcopy(model)
-    attach(model)
+    method = attach(model)
     x = torch.randn(2, 3, 6, 6)
-    use_dense_weights(model, True)
+    method.use_dense_weights(True)
     assert torch.equal(model(x), reference(x))
-    use_dense_weights(model, False)
+    method.use_dense_weights(False)
     assert not torch.equal(model(x), reference(x))

@@ -15,7 +15,8 @@ from topkast_cli.errors import UserError
 from topkast_cli.evaluate import evaluate_checkpoint
 from topkast_cli.run_logs import read_jsonl
 from topkast_cli.sparsity import GMP, SET, RigL, Static
-from topkast_cli.train import build_optimizer, train
+from topkast_cli.commands.train import train
+from topkast_cli.run import build_optimizer
 
 METHODS = {
     "static": lambda: Static(0.9, regularization=0.01),
@@ -129,8 +130,12 @@ def test_rigl_regrows_exactly_the_highest_gradient_inactive_weights():
     expected = torch.zeros_like(old).view(-1)
     expected[candidates.view(-1).topk(n).indices] = True
     assert torch.equal(grown, expected.view_as(old))
-    # The masks used by the layer are back to A = B after the update step.
-    assert torch.equal(layer.masked.backward_mask.bool(), layer.forward)
+    # The layer is back to gradients on A = B (one mask) after the update step.
+    assert layer.backward is layer.forward
+    x, y = batch(1)
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    assert bool((layer.theta.grad[~layer.forward] == 0).all())
 
 
 def test_rigl_drop_fraction_decays_along_a_cosine_and_updates_end():
@@ -227,8 +232,8 @@ def test_eval_rebuilds_the_method_from_the_checkpoint(tmp_path, name):
 def test_a_resumed_method_with_b_equal_a_keeps_one_mask():
     model = net()
     method = SET(0.8).attach(model)
-    assert all(l.masked.backward_mask is l.masked.forward_mask for l in method.layers)
+    assert all(l.backward is l.forward for l in method.layers)
     other = SET(0.8).attach(net())
     other.load_state_dict(method.state_dict())
-    assert all(l.masked.backward_mask is l.masked.forward_mask for l in other.layers)
+    assert all(l.backward is l.forward for l in other.layers)
     assert all(torch.equal(a.forward, b.forward) for a, b in zip(method.layers, other.layers))

@@ -15,7 +15,7 @@ from topkast_cli.config import instantiate
 from topkast_cli.errors import UserError
 from topkast_cli.sparsity import TopKAST
 from topkast_cli.sparsity.selection import candidate_layers
-from topkast_cli.train import train
+from topkast_cli.commands.train import train
 
 MODEL_DIR = Path(topkast_cli.__file__).parent / "conf" / "model"
 

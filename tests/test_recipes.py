@@ -1,15 +1,24 @@
-"""Each recipe composes, validates, and its header carries a launch command that names it."""
+"""Each recipe (config group `experiment`) composes by name, validates, and its header carries
+a launch command that names it; an installed (non-editable) package finds them by name too."""
 
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from topkast_cli.config import compose, validate
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+from conftest import run_topkast
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "topkast_cli" / "conf" / "experiment"
+RECIPES = sorted(EXPERIMENTS.glob("*.yaml"))
 
 
 def launch_command(path: Path) -> list[str]:
@@ -22,18 +31,57 @@ def launch_command(path: Path) -> list[str]:
 def test_there_are_recipes():
     names = {p.stem for p in RECIPES}
     assert {"resnet50_imagenet_topkast80", "resnet50_imagenet_topkast90", "cifar10_wrn22_2_topkast90"} <= names
+    assert (ROOT / "recipes").resolve() == EXPERIMENTS.resolve()  # the checkout's shortcut
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_composes_with_its_launch_command(path):
     args = launch_command(path)
     assert args[:2] == ["topkast", "train"]
-    assert args[args.index("--config-name") + 1] == path.stem
+    assert f"experiment={path.stem}" in args
+    assert path.read_text().startswith("# @package _global_\n")
     overrides = [a for a in args[2:] if "=" in a and not a.startswith("-")]
-    cfg = compose(path.stem, overrides, str(path.parent))
+    cfg = compose("train", overrides)
+    assert cfg.hydra.runtime.choices.experiment == path.stem
     with open_dict(cfg):
         del cfg["hydra"]
     validate(cfg)
     if "topkast" in path.stem:
         forward = int(re.search(r"topkast(\d+)", path.stem).group(1)) / 100
         assert cfg.sparsity.forward == forward
+
+
+def test_an_installed_package_finds_recipes_by_name(tmp_path):
+    """A non-editable install (the wheel's files only) composes a recipe from any directory,
+    and `topkast train --help` lists the recipes."""
+    src, target, elsewhere, root = (tmp_path / d for d in ("src", "site", "elsewhere", "imagenet"))
+    for d in (elsewhere, root):
+        d.mkdir()
+    # Build from a copy: building in the checkout would leave build/ and egg-info there.
+    shutil.copytree(ROOT / "topkast_cli", src / "topkast_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-compile"]
+    done = subprocess.run([*pip, "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (target / "topkast_cli" / "conf" / "experiment" / "resnet50_imagenet_topkast90.yaml").is_file()
+
+    env = {"PYTHONPATH": str(target)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import topkast_cli; print(topkast_cli.__file__)"],
+        cwd=elsewhere, capture_output=True, text=True, env={**os.environ, **env},
+    )
+    assert Path(where.stdout.strip()).is_relative_to(target), where.stdout + where.stderr
+
+    args = ["train", "experiment=resnet50_imagenet_topkast90", f"dataset.root={root}", "--cfg", "job"]
+    shown = run_topkast(args, cwd=elsewhere, env=env, module=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    cfg = OmegaConf.create(shown.stdout)
+    assert cfg.model._target_.endswith("resnet50")
+    assert cfg.sparsity.forward == 0.9 and cfg.dataset.root == str(root)
+
+    helped = run_topkast(["train", "--help"], cwd=elsewhere, env=env, module=True, timeout=120)
+    assert helped.returncode == 0, helped.stderr[-3000:]
+    line = next(l for l in helped.stdout.splitlines() if l.startswith("experiment:"))
+    assert {p.stem for p in RECIPES} <= {n.strip() for n in line.partition(":")[2].split(",")}
+    assert not list(elsewhere.iterdir())  # --cfg and --help write nothing

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import run_topkast, topkast_script
 from topkast_cli.cli import main
-from topkast_cli.sweep import FILES, merge_params
+from topkast_cli.sweep_summary import FILES, merge_params
 
 # A sweep job that takes seconds.
 QUICK = [

@@ -8,7 +8,7 @@ from torch import nn
 from conftest import OPTIMIZERS, batch, net, step
 from topkast_cli.errors import UserError
 from topkast_cli.sparsity import TopKAST
-from topkast_cli.train import build_optimizer
+from topkast_cli.run import build_optimizer
 
 
 def test_exact_counts_every_layer():
@@ -157,7 +157,7 @@ def test_state_dict_round_trip():
 
 def test_exploration_as_a_fraction_of_the_run():
     method = TopKAST(0.8, 0.6, refresh_interval=2, exploration_steps=0.5).attach(net(), total_steps=20)
-    assert method.exploration_steps == 10
+    assert method.schedule.end == 10
     model = net()
     method = TopKAST(0.8, 0.6, refresh_interval=2, exploration_steps=0.5).attach(model, total_steps=20)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)

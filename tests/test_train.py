@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import TINY, make_config, run_topkast
 from topkast_cli.checkpoint import load_checkpoint
 from topkast_cli.run_logs import read_jsonl
-from topkast_cli.train import train
+from topkast_cli.commands.train import train
 
 
 def test_console_script_writes_the_run_directory_contract(tmp_path):

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from .errors import UserError
+from .errors import RunFailed, UserError
+from .sparsity import plain_state_dict
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "step", "config", "model", "masks")
@@ -47,6 +49,47 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def run_state(run) -> dict:
+    """The checkpoint of a run (`run.Run`) at its current step."""
+    sparsity = run.method.state_dict()
+    return {
+        "format_version": FORMAT_VERSION,
+        "step": run.step,
+        "epoch": run.epoch,
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "model": plain_state_dict(run.model),
+        "masks": sparsity.pop("masks"),
+        "sparsity": sparsity,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": rng_state(),
+        "metrics": {
+            "best": run.best,
+            "last": run.last_eval,
+            "skipped_steps": run.skipped_steps,
+            "wall_time_s": run.wall_time,
+        },
+    }
+
+
+def save_run(run, name: str) -> Path:
+    """Write `checkpoints/<name>` of a run; never over a good file with non-finite weights."""
+    path = run.ckpt_dir / name
+    if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+        raise RunFailed(f"parameters are not finite at step {run.step}; {name} not overwritten (lower optimizer.lr?)")
+    try:
+        save_checkpoint(path, run_state(run))
+    except OSError as e:
+        raise RunFailed(
+            f"could not write checkpoint {path} at step {run.step}: {e.strerror or e}; "
+            + (f"the previous {name} is intact" if path.exists() else f"no {name} was written")
+        ) from None
+    if name == "last.ckpt":
+        run.saved_step = run.step
+    return path
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict:

@@ -2,8 +2,8 @@
 
 `compose` builds the same config Hydra will (same search path, same overrides) without
 running anything, and turns Hydra/OmegaConf errors into one-line `UserError`s. `validate`
-checks the values; group-specific checks live in the constructors the config names, which
-`validate` runs once (they are cheap: nothing is loaded from disk).
+checks the trainer's own values; group-specific checks live in the constructors the config
+names, which the pre-flight check runs by building the run on the meta device.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import itertools
 import math
 import re
 import os
-import warnings
 
 import hydra.utils
-import torch
 from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -171,9 +169,17 @@ def _check(key: str, value, kind: type, lo=None, hi=None, lo_open=False, none_ok
         raise UserError(f"{key}={value!r} is not allowed; it must be {allowed}")
 
 
-def validate(cfg: DictConfig, optimizer: bool = True) -> None:
-    """Raise UserError for the first wrong value, naming its key and what is allowed.
-    `optimizer=False` leaves out `check_optimizer` (the slowest check)."""
+def validate(cfg: DictConfig) -> None:
+    """Raise UserError for the first wrong value of the trainer's own keys, naming the key and
+    what is allowed. (Each group's object checks its own arguments when it is built: see
+    `run.check_run`, which builds the whole run on the meta device.)"""
+    try:
+        _validate(cfg)
+    except OmegaConfBaseException as e:  # e.g. an interpolation to a missing key
+        raise UserError(_one_line(e)) from None
+
+
+def _validate(cfg: DictConfig) -> None:
     _check("seed", cfg.seed, int, lo=0, hi=2**32 - 1)
     t = cfg.trainer
     _check("trainer.max_steps", t.max_steps, int, lo=1, none_ok=True)
@@ -202,47 +208,6 @@ def validate(cfg: DictConfig, optimizer: bool = True) -> None:
     if "momentum" in opt:
         _check("optimizer.momentum", opt.momentum, float, lo=0, hi=1)
 
-    method = instantiate(cfg.sparsity, "sparsity")
-    data = instantiate(cfg.dataset, "dataset")
-    data.check()
-    model = meta_model(cfg, data)
-    if model is not None and method.forward_sparsity > 0:
-        method.plan(model)  # dense-layer patterns that match nothing, layers left with no weight
-
-    if optimizer:
-        check_optimizer(cfg)
-
-
-def check_optimizer(cfg: DictConfig) -> None:
-    """Build the optimizer and schedule for a dummy parameter: torch's own argument checks.
-    (The first optimizer built in a process imports torch._dynamo: about two seconds.)"""
-    opt = cfg.optimizer
-    dummy = [torch.zeros(1, requires_grad=True)]
-    optimizer = instantiate(opt, "optimizer")
-    try:
-        optimizer = optimizer(dummy)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"optimizer ({opt._target_}): {e}") from None
-    instantiate(cfg.scheduler, "scheduler")(optimizer, total_steps=1)
-
-
-def meta_model(cfg: DictConfig, data=None):
-    """The model built on the meta device (shapes only, no memory, no init cost), or None
-    when the dataset cannot tell its input shape before loading."""
-    if data is None:
-        data = instantiate(cfg.dataset, "dataset")
-    num_classes, input_shape = getattr(data, "num_classes", None), getattr(data, "input_shape", None)
-    if num_classes is None or input_shape is None:
-        return None
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. "zero-element tensors": the checks below say it better
-        try:
-            return instantiate(cfg.model, "model", num_classes=num_classes, input_shape=tuple(input_shape))
-        except UserError:
-            raise
-        except Exception:  # e.g. an operation without a meta kernel: the real build will tell
-            return None
-
 
 def run_length(trainer: DictConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of a run: `max_steps`, or `epochs` x steps per epoch. Schedule points
@@ -256,14 +221,3 @@ def without_hydra(cfg: DictConfig) -> DictConfig:
     with open_dict(job):
         del job["hydra"]
     return job
-
-
-def check_job(config_name: str, overrides: list[str], config_dir: str | None = None, optimizer: bool = True) -> DictConfig:
-    """The composed config of one job (with `hydra`), validated; see `validate`."""
-    cfg = compose(config_name, overrides, config_dir)
-    job = without_hydra(cfg)
-    try:
-        validate(job, optimizer)
-    except OmegaConfBaseException as e:  # e.g. an interpolation to a missing key
-        raise UserError(_one_line(e)) from None
-    return cfg

@@ -14,15 +14,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_checkpoint
-from .config import PRECISIONS, compose, instantiate, run_length
+from .config import PRECISIONS, compose
 from .errors import UserError
 from .flops import count_flops, total
+from .run import build_run, restore
 from .run_logs import write_json_atomic
+from .tasks import evaluate
 
 log = logging.getLogger("topkast")
 
@@ -131,74 +132,42 @@ def validate_eval(cfg: DictConfig) -> None:
         raise UserError(f"eval.data_root={e.data_root!r} must be a directory path")
 
 
-def check_eval(config_name: str, overrides: list[str], config_dir: str | None = None) -> DictConfig:
-    """Compose and check the eval config (the CLI's pre-flight check for `topkast eval`)."""
-    from .cli import _writable
-
-    cfg = compose(config_name, overrides, config_dir)
-    validate_eval(cfg)
-    load(str(cfg.ckpt))
-    out = output_path(cfg)
-    try:
-        _writable(out.parent, "eval.output")
-    except UserError:
-        raise UserError(f"cannot write the report to {out.parent}; choose another place with eval.output=PATH") from None
-    return cfg
-
-
 # ------------------------------------------------------------------ evaluation
 def _adapt(error: UserError) -> UserError:
     return UserError(str(error).replace("trainer.device", "eval.device").replace("trainer.precision", "eval.precision"))
 
 
-def rebuild(state: dict, cfg_eval: DictConfig, device: torch.device):
-    """Dataset, model (θ and masks loaded) and sparsity method from a checkpoint."""
-    from .sparsity import load_plain_state_dict
-
+def run_config(state: dict, e: DictConfig) -> DictConfig:
+    """The checkpoint's training config with what eval may change (loader, device, precision)."""
     saved = OmegaConf.create(state["config"])
     with open_dict(saved):
-        for key, value in (("root", cfg_eval.data_root), ("eval_batch_size", cfg_eval.batch_size),
-                           ("num_workers", cfg_eval.num_workers)):
+        for key, value in (("root", e.data_root), ("eval_batch_size", e.batch_size), ("num_workers", e.num_workers)):
             if value is None:
                 continue
             if key == "root" and "root" not in saved.dataset:
                 raise UserError(f"eval.data_root: dataset {saved.dataset.get('_target_')} takes no root")
             saved.dataset[key] = value
-    data = instantiate(saved.dataset, "dataset").setup()
-    model = instantiate(saved.model, "model", num_classes=data.num_classes, input_shape=tuple(data.input_shape))
-    model = model.to(device)
-    # The run's length resolves schedule points given as fractions (e.g. GMP's end_steps).
-    method = instantiate(saved.sparsity, "sparsity").attach(model, run_length(saved.trainer, data.steps_per_epoch))
-    try:
-        load_plain_state_dict(model, state["model"])
-        method.load_state_dict({"masks": state["masks"], **(state.get("sparsity") or {})})
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0][:160]
-        raise UserError(f"ckpt: the weights do not fit the model rebuilt from its config: {first}") from None
-    return saved, data, model, method
+        saved.trainer.device = e.device
+        saved.trainer.precision = str(e.precision if e.precision is not None else saved.trainer.get("precision", "32"))
+    return saved
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """Evaluate `cfg.ckpt` as `cfg.eval` says; write the JSON report; return it."""
-    from .sparsity import measured_density, use_dense_weights
-    from .tasks import build_task, evaluate
-    from .train import autocast_factory, resolve_device
-
     e = cfg.eval
     state = load(str(cfg.ckpt))
     try:
-        device = resolve_device(e.device)
-        saved, data, model, method = rebuild(state, e, device)
-        precision = str(e.precision if e.precision is not None else saved.trainer.get("precision", "32"))
-        autocast = autocast_factory(device, precision)
+        run = build_run(run_config(state, e))
+        restore(run, state, f"ckpt={cfg.ckpt}", training=False)
     except UserError as err:
         raise _adapt(err) from None
+    model, method, task, device = run.model, run.method, run.task, run.device
+    precision = str(run.cfg.trainer.precision)
     if e.dense:
-        use_dense_weights(model, True)
-    task = build_task(data.task)
-    loader = data.eval_loader(e.split)
+        method.use_dense_weights(True)
+    loader = run.data.eval_loader(e.split)
     log.info("evaluating %s (step %s) on %s: %s network", cfg.ckpt, state["step"], e.split, "dense θ" if e.dense else "sparse α")
-    metrics = evaluate(model, loader, task, device, autocast, progress=e.progress, desc=f"eval {e.split}")
+    metrics = evaluate(model, loader, task, device, run.autocast, progress=e.progress, desc=f"eval {e.split}")
 
     example = loader.dataset[0][0].unsqueeze(0).to(device)
     layers = count_flops(model, example)
@@ -210,13 +179,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         "split": e.split,
         "samples": len(loader.dataset),
         "weights": "dense" if e.dense else "sparse",
-        "method": (state.get("sparsity") or {}).get("method", "dense") if method.layers else "dense",
+        "method": method.display_name,
         "forward_sparsity": method.forward_sparsity,
         "backward_sparsity": method.backward_sparsity,
         "metric": task.metric,
         "metrics": metrics,
         "logged": logged if logged.get("step") == state["step"] else None,
-        "density": measured_density(model),
+        "density": method.measured_density(model),
         "flops": {**total(layers), "input_shape": list(example.shape[1:])},
         "layers": [{**l.to_dict(), "sparse": f"{l.name}.weight" in sparse} for l in layers],
         "device": str(device),
@@ -277,41 +246,3 @@ def format_report(r: dict, out: Path | None = None) -> str:
     if out is not None:
         lines.append(f"report: {out}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------- command
-def eval_task(cfg: DictConfig):
-    from .cli import _run_task
-
-    return _run_task("eval", evaluate_checkpoint, cfg)
-
-
-def _ckpt(overrides: list[str]) -> str | None:
-    """The value of ckpt=... as Hydra will read it (quotes removed)."""
-    value = None
-    for text in overrides:
-        if text.startswith("ckpt="):
-            try:
-                value = OverridesParser.create().parse_overrides([text])[0].value()
-            except Exception:
-                if any(c in text[5:] for c in "=,"):
-                    raise UserError(f"{text}: quote a path that holds '=' or ',': 'ckpt=\"{text[5:]}\"'") from None
-                raise UserError(f"{text}: not a valid path") from None
-    return None if value is None else str(value)
-
-
-def cmd_eval(args: list[str]) -> None:
-    from .cli import _hydra_args, _launch, _preflight
-
-    ns = _hydra_args(args)
-    if not (ns.help or ns.hydra_help or ns.info or ns.cfg or ns.shell_completion or ns.resolve):
-        if ns.multirun:
-            raise UserError("eval evaluates one checkpoint; --multirun is not supported")
-        ckpt = _ckpt(ns.overrides)
-        if ckpt in (None, "", "???"):
-            raise UserError("ckpt=PATH is required, e.g. topkast eval ckpt=runs/train/<run>/checkpoints/best.ckpt")
-        mapped = checkpoint_overrides(ns.overrides, load(ckpt)["config"])
-        given = set(ns.overrides)
-        args = [a for a in args if a not in given] + mapped
-    args = _preflight("eval", args, check=check_eval)
-    _launch("eval", eval_task, "topkast eval", args)

@@ -78,6 +78,11 @@ class DataModule:
                 what = "is not a directory" if path.exists() else "does not exist"
                 raise UserError(f"dataset.root={root} {what}; point it at the data, or set dataset.download=true")
 
+    def example_batch(self, n: int = 2, device: torch.device | str = "meta") -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of the shapes and dtypes the loaders yield (values undefined), for checking
+        that a model fits the data before any is loaded (on the meta device)."""
+        return torch.empty((n, *self.input_shape), device=device), torch.empty(n, dtype=torch.long, device=device)
+
     def setup(self) -> "DataModule":
         """Load or generate the data (may read from disk); idempotent."""
         raise NotImplementedError

@@ -1,19 +1,15 @@
 """The sparse-training library. It knows nothing of the trainer: a trainer builds a method,
-`attach`es it to a model, and calls its hooks (see `base.SparsityMethod`)."""
+`attach`es it to a model, calls its hooks and asks it about itself (see `base.SparsityMethod`).
+Each sparse layer's masks have one owner, `SparseLayer`; `MaskSchedule` says when they change."""
 
-from .base import SparseLayer, SparsityMethod, measured_density, zero_optimizer_state
+from .base import SparseLayer, SparsityMethod, default_backward_sparsity, zero_optimizer_state
 from .dense import Dense
 from .dynamic import DynamicSparse
 from .distribution import layer_counts
 from .gmp import GMP
-from .masking import (
-    load_plain_state_dict,
-    masked_weight,
-    named_masked_weights,
-    plain_state_dict,
-    use_dense_weights,
-)
+from .masking import load_plain_state_dict, masked_weight, plain_state_dict
 from .rigl import RigL
+from .schedule import MaskSchedule, check_steps, resolve_steps
 from .set import SET
 from .static import Static
 from .topk import topk_mask, topk_masks
@@ -23,20 +19,21 @@ __all__ = [
     "Dense",
     "DynamicSparse",
     "GMP",
+    "MaskSchedule",
     "RigL",
     "SET",
     "Static",
     "SparseLayer",
     "SparsityMethod",
     "TopKAST",
+    "check_steps",
+    "default_backward_sparsity",
     "layer_counts",
     "load_plain_state_dict",
     "masked_weight",
-    "measured_density",
-    "named_masked_weights",
     "plain_state_dict",
+    "resolve_steps",
     "topk_mask",
     "topk_masks",
-    "use_dense_weights",
     "zero_optimizer_state",
 ]

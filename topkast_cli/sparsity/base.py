@@ -14,33 +14,51 @@ A trainer uses a method only through this interface, in this order each step:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..errors import UserError, check_number
 from .distribution import DISTRIBUTIONS, backward_counts, layer_counts
-from .masking import MaskedWeight, attach, dense_parameter, named_masked_weights
+from .masking import MaskedWeight, attach, dense_parameter
+from .schedule import MaskSchedule
 from .selection import select_sparse_layers
 
 
-@dataclass(eq=False)
 class SparseLayer:
-    """One sparse weight: θ lives in `module`, α = θ ⊙ forward is what it computes with."""
+    """One sparse weight and the single owner of its masks. θ lives in `module`; α = θ ⊙ 1_A
+    is what the layer computes with; gradients reach B ⊇ A.
 
-    name: str  # plain parameter name, e.g. "layer1.0.conv1.weight"
-    module: nn.Module
-    masked: MaskedWeight
-    k_forward: int
-    k_backward: int
-    forward: torch.Tensor  # bool, the set A
-    backward: torch.Tensor  # bool, the set B ⊇ A
-    churn: float = 0.0  # share of A that changed at the last mask update
+    The masks are stored once, as bool tensors, in the compute side (the `MaskedWeight`
+    parametrization of `module.weight`). `forward` / `backward` read them; `set_masks`
+    changes them (the only way to); `pass_dense_gradient` and `use_dense_weights` switch how
+    the compute side uses them. Nothing else touches the compute side.
+    """
+
+    def __init__(self, name: str, module: nn.Module, k_forward: int, k_backward: int):
+        self.name = name  # plain parameter name, e.g. "layer1.0.conv1.weight"
+        self.module = module
+        self.k_forward = k_forward
+        self.k_backward = k_backward
+        self.churn = 0.0  # share of A that changed at the last mask update
+        self._compute: MaskedWeight = attach(module)  # masks start empty (no entry in A or B)
+
+    def __repr__(self) -> str:
+        return f"SparseLayer({self.name!r}, numel={self.numel}, k_forward={self.k_forward}, k_backward={self.k_backward})"
 
     @property
     def theta(self) -> nn.Parameter:
         return dense_parameter(self.module)
+
+    @property
+    def forward(self) -> torch.Tensor:
+        """The set A (bool, θ's shape): the tensor the layer computes with. Do not modify it
+        in place: `set_masks` installs new masks."""
+        return self._compute.forward_mask
+
+    @property
+    def backward(self) -> torch.Tensor:
+        """The set B ⊇ A (bool); the same tensor as `forward` when B = A."""
+        return self._compute.backward_mask
 
     @property
     def numel(self) -> int:
@@ -49,6 +67,49 @@ class SparseLayer:
     @property
     def density(self) -> float:
         return self.k_forward / self.numel
+
+    @torch.no_grad()
+    def set_masks(
+        self,
+        forward: torch.Tensor,
+        backward: torch.Tensor,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        """Install new masks A (`forward`) and B (`backward`), bool tensors of θ's shape.
+        Records the churn of A; entries leaving B lose their optimizer state so they freeze;
+        B equal to A is stored as one tensor."""
+        shape = self.theta.shape
+        for mask in (forward, backward):
+            if mask.dtype != torch.bool or mask.shape != shape:
+                raise ValueError(f"{self.name}: masks must be bool tensors of shape {tuple(shape)}, "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
+        old_forward, old_backward = self.forward, self.backward
+        if old_forward.any():
+            # |A_new Δ A_old| / (|A_old| + |A_new|): the share of A replaced when its size is
+            # fixed, and also counts what pruning removes.
+            sizes = int(old_forward.sum()) + int(forward.sum())
+            self.churn = float((forward ^ old_forward).sum()) / max(1, sizes)
+        zero_optimizer_state(optimizer, self.theta, old_backward & ~backward)
+        if backward is not forward and torch.equal(backward, forward):
+            backward = forward  # B = A: one shared mask
+        self._compute.forward_mask, self._compute.backward_mask = forward, backward
+
+    def pass_dense_gradient(self, dense: bool) -> None:
+        """While on, the backward pass lets every entry's gradient (∂L/∂α) through instead of
+        only B's; the masks themselves do not change (RigL's dense-gradient capture)."""
+        self._compute.dense_gradient = bool(dense)
+
+    def use_dense_weights(self, dense: bool) -> None:
+        """Compute with the dense θ instead of α (evaluation of the dense network)."""
+        self._compute.use_dense = bool(dense)
+
+    @torch.no_grad()
+    def nonzero(self) -> int:
+        """Nonzero entries of the weight the layer computes with (α, or θ when dense)."""
+        theta = self.theta.detach()
+        if self._compute.use_dense:
+            return int(torch.count_nonzero(theta))
+        return int(((theta != 0) & self.forward).sum())
 
 
 def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, where: torch.Tensor) -> None:
@@ -61,6 +122,12 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.T
             value.masked_fill_(where, 0)
 
 
+def default_backward_sparsity(forward_sparsity: float) -> float:
+    """Backward sparsity when none is given: backward density = 2 x forward density, capped
+    at 1 (the paper's 90/80 pair as a rule)."""
+    return max(0.0, 1.0 - 2.0 * (1.0 - forward_sparsity))
+
+
 def _check_fraction(key: str, value, upper_open: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{key}={value!r} must be a number in [0, 1)")
@@ -69,26 +136,22 @@ def _check_fraction(key: str, value, upper_open: bool = True) -> float:
     return float(value)
 
 
-def check_steps(key: str, value):
-    """A schedule point: null, a step count >= 0, or a fraction 0 < x < 1 of the run."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return value
-    if isinstance(value, float) and 0.0 < value < 1.0:
-        return value
-    raise UserError(f"{key}={value!r} must be null, a step count >= 0, or a fraction of the run in (0, 1)")
-
-
-def resolve_steps(value, total_steps: int | None) -> int | None:
-    """Steps for a value of `check_steps`; a fraction needs the run's length (else None)."""
-    if isinstance(value, float):
-        return round(value * total_steps) if total_steps is not None else None
-    return value
-
-
 class SparsityMethod:
-    """Base class. Subclasses set `name` and override `initial_masks` and the hooks."""
+    """Base class. Subclasses set `name` and override `initial_masks` and the hooks.
+
+    A method describes itself, so a trainer, eval or sweep never reads its config keys or
+    class name: `display_name`, `backward_is_forward`, `backward_rule`, `resume_may_change`,
+    `phase(step)`. Instances are cheap to build without a model (Hydra builds them from
+    conf/sparsity/*.yaml); `attach` makes a model sparse.
+    """
 
     name = "sparse"
+    # B = A always (no backward set beyond the forward one). Top-KAST: False.
+    backward_is_forward = True
+    # Config keys (under `sparsity.`) that may differ when a run is resumed: the rest must match.
+    resume_may_change: tuple[str, ...] = ("regularization",)
+    # When masks change (None: never). Subclasses that change masks set one in __init__.
+    schedule: MaskSchedule | None = None
 
     def __init__(
         self,
@@ -101,9 +164,9 @@ class SparsityMethod:
         regularization: float = 0.0,
     ):
         self.forward_sparsity = _check_fraction("sparsity.forward", forward)
+        self.backward_given = backward  # as configured (None: the rule)
         if backward is None:
-            # The paper's 90/80 pair as a rule: backward density = 2 x forward density.
-            backward = max(0.0, 1.0 - 2.0 * (1.0 - self.forward_sparsity))
+            backward = default_backward_sparsity(self.forward_sparsity)
         self.backward_sparsity = _check_fraction("sparsity.backward", backward)
         if self.backward_sparsity > self.forward_sparsity + 1e-12:
             raise UserError(
@@ -118,6 +181,25 @@ class SparsityMethod:
         self.include_embeddings = bool(include_embeddings)
         self.regularization_scale = check_number("sparsity.regularization", regularization)
         self.layers: list[SparseLayer] = []
+
+    # ---------------------------------------------------------- self-description
+    @property
+    def display_name(self) -> str:
+        """"dense" when the method makes no layer sparse (forward sparsity 0), else `name`."""
+        return "dense" if self.forward_sparsity == 0.0 else self.name
+
+    @property
+    def backward_rule(self) -> str:
+        """How the backward set is chosen, for tables: "-" when B = A (or dense), "2x density"
+        for the default rule (`default_backward_sparsity`), else the backward sparsity as
+        configured."""
+        if self.backward_is_forward or self.display_name == "dense":
+            return "-"
+        return "2x density" if self.backward_given is None else str(self.backward_given)
+
+    def phase(self, step: int) -> str:
+        """What the method is doing after `step` steps (logged with each sparsity record)."""
+        return "static" if self.layers else "dense"
 
     # ----------------------------------------------------------------- set-up
     @property
@@ -138,13 +220,10 @@ class SparsityMethod:
         if self.forward_sparsity == 0.0:
             return self
         for pname, name, module, k, k_backward in self.plan(model):
-            theta = module.weight
-            empty = torch.zeros(theta.shape, dtype=torch.bool, device=theta.device)
-            self.layers.append(SparseLayer(pname, module, attach(module), k, k_backward, empty, empty))
+            self.layers.append(SparseLayer(pname, module, k, k_backward))
         for layer in self.layers:
             forward, backward = self.initial_masks(layer)
-            self.set_masks(layer, forward, backward)
-            layer.churn = 0.0
+            layer.set_masks(forward, backward)
         return self
 
     def plan(self, model: nn.Module) -> list[tuple[str, str, nn.Module, int, int]]:
@@ -168,7 +247,9 @@ class SparsityMethod:
         return plan
 
     def resolve_schedule(self, total_steps: int | None) -> None:
-        """Turn the method's schedule points into step counts (see `resolve_steps`)."""
+        """Turn the schedule's points given as fractions into steps of a run of `total_steps`."""
+        if self.schedule is not None:
+            self.schedule.resolve(total_steps)
 
     def initial_masks(self, layer: SparseLayer) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -185,18 +266,18 @@ class SparsityMethod:
     def after_backward(self, step: int) -> None:
         """Called when the gradients of step `step` are final (unscaled), before clipping.
         Adds the regulariser's gradient λ·s⊙θ, s = a·1_A + b·1_B (`regularizer_weights`),
-        in place from the masks the layer already holds: no per-layer tensor for s."""
+        in place from the layer's bool masks: no per-layer tensor for s."""
         if self.regularization_scale == 0.0:
             return
         for layer in self.layers:
-            theta, masked = layer.theta, layer.masked
+            theta = layer.theta
             if theta.grad is None:
                 continue
             a, b = self.regularizer_weights(layer)
             if a:
-                theta.grad.addcmul_(theta, masked.forward_mask, value=self.regularization_scale * a)
+                theta.grad.addcmul_(theta, layer.forward, value=self.regularization_scale * a)
             if b:
-                theta.grad.addcmul_(theta, masked.backward_mask, value=self.regularization_scale * b)
+                theta.grad.addcmul_(theta, layer.backward, value=self.regularization_scale * b)
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Called after optimizer step number `step` (1-based). Returns True if masks changed."""
@@ -211,7 +292,7 @@ class SparsityMethod:
         for layer in self.layers:
             a, b = self.regularizer_weights(layer)
             square = layer.theta.detach().square()
-            total += a * float((square * layer.masked.forward_mask).sum()) + b * float((square * layer.masked.backward_mask).sum())
+            total += a * float((square * layer.forward).sum()) + b * float((square * layer.backward).sum())
         return 0.5 * self.regularization_scale * total
 
     def regularizer_weights(self, layer: SparseLayer) -> tuple[float, float]:
@@ -219,28 +300,31 @@ class SparsityMethod:
         on the trained entries (B), weight decay that leaves frozen entries alone."""
         return 0.0, 1.0
 
-    def phase(self, step: int) -> str:
-        """What the method is doing after `step` steps (logged with each sparsity record)."""
-        return "static" if self.layers else "dense"
+    # ------------------------------------------------------------ measurement
+    def measured_density(self, model: nn.Module) -> dict:
+        """Nonzeros of the weights `model` computes with (α for this method's sparse layers),
+        counted from the tensors, over all parameters and over the sparse layers alone."""
+        total = nonzero = sparse_total = sparse_nonzero = 0
+        sparse = {id(layer.theta): layer for layer in self.layers}
+        with torch.no_grad():
+            for param in model.parameters():
+                layer = sparse.get(id(param))
+                nz = int(torch.count_nonzero(param)) if layer is None else layer.nonzero()
+                total, nonzero = total + param.numel(), nonzero + nz
+                if layer is not None:
+                    sparse_total, sparse_nonzero = sparse_total + param.numel(), sparse_nonzero + nz
+        return {
+            "params": total,
+            "nonzero": nonzero,
+            "density": nonzero / max(1, total),
+            "sparse_params": sparse_total,
+            "sparse_density": sparse_nonzero / sparse_total if sparse_total else 1.0,
+        }
 
-    # ---------------------------------------------------------------- helpers
-    @torch.no_grad()
-    def set_masks(
-        self,
-        layer: SparseLayer,
-        forward: torch.Tensor,
-        backward: torch.Tensor,
-        optimizer: torch.optim.Optimizer | None = None,
-    ) -> None:
-        """Install new masks; entries leaving B lose their optimizer state so they freeze."""
-        if layer.forward.any():
-            # |A_new Δ A_old| / (|A_old| + |A_new|): the share of A replaced when its size is
-            # fixed, and also counts what pruning removes.
-            sizes = int(layer.forward.sum()) + int(forward.sum())
-            layer.churn = float((forward ^ layer.forward).sum()) / max(1, sizes)
-        zero_optimizer_state(optimizer, layer.theta, layer.backward & ~backward)
-        layer.forward, layer.backward = forward, backward
-        layer.masked.set_masks(forward, backward)
+    def use_dense_weights(self, dense: bool = True) -> None:
+        """Make every sparse layer compute with θ instead of α (for `eval.dense=true`)."""
+        for layer in self.layers:
+            layer.use_dense_weights(dense)
 
     # -------------------------------------------------------------- reporting
     def report(self, step: int) -> dict:
@@ -285,9 +369,10 @@ class SparsityMethod:
             m = masks[layer.name]
             device = layer.theta.device
             forward, backward = m["forward"].to(device), m["backward"].to(device)
-            if torch.equal(forward, backward):
-                backward = forward  # one shared mask, as before the checkpoint
-            self.set_masks(layer, forward, backward)
+            try:
+                layer.set_masks(forward, backward)  # B = A: one shared mask again
+            except ValueError as e:
+                raise UserError(f"checkpoint masks do not fit this model: {e}") from None
             layer.churn = state.get("churn", {}).get(layer.name, 0.0)
         self.load_extra_state(state.get("extra") or {})
 
@@ -296,25 +381,3 @@ class SparsityMethod:
 
     def load_extra_state(self, state: dict) -> None:
         pass
-
-
-def measured_density(model: nn.Module) -> dict:
-    """Nonzeros of the weights the model computes with (α for sparse layers), counted from
-    the tensors, over all parameters and over the sparse layers alone."""
-    total = nonzero = sparse_total = sparse_nonzero = 0
-    masked = {id(dense_parameter(m)): p for _, m, p in named_masked_weights(model)}
-    with torch.no_grad():
-        for param in model.parameters():
-            p = masked.get(id(param))
-            value = param if p is None or p.use_dense else param * p.forward_mask
-            nz = int(torch.count_nonzero(value))
-            total, nonzero = total + param.numel(), nonzero + nz
-            if p is not None:
-                sparse_total, sparse_nonzero = sparse_total + param.numel(), sparse_nonzero + nz
-    return {
-        "params": total,
-        "nonzero": nonzero,
-        "density": nonzero / max(1, total),
-        "sparse_params": sparse_total,
-        "sparse_density": sparse_nonzero / sparse_total if sparse_total else 1.0,
-    }

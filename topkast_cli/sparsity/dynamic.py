@@ -8,8 +8,9 @@ import math
 
 import torch
 
-from ..errors import UserError, check_int, check_number
-from .base import SparseLayer, SparsityMethod, check_steps, resolve_steps, zero_optimizer_state
+from ..errors import UserError, check_number
+from .base import SparseLayer, SparsityMethod, zero_optimizer_state
+from .schedule import MaskSchedule
 from .static import random_mask
 from .topk import topk_mask
 
@@ -18,6 +19,10 @@ DECAYS = ("constant", "cosine")
 
 class DynamicSparse(SparsityMethod):
     """Prune-and-regrow at a fixed density. Subclasses define `grow_scores`."""
+
+    # The schedule and the share replaced only shape the updates still to come (the masks
+    # themselves are in the checkpoint): they may change on resume.
+    resume_may_change = ("update_interval", "end_steps", "drop_fraction", "decay", "regularization")
 
     def __init__(
         self,
@@ -32,15 +37,15 @@ class DynamicSparse(SparsityMethod):
         super().__init__(forward, forward, regularization=regularization, **selection)
         if decay not in DECAYS:
             raise UserError(f"sparsity.decay={decay!r} is not known; allowed: {', '.join(DECAYS)}")
-        self.update_interval = check_int("sparsity.update_interval", update_interval)
+        # Every `update_interval` steps up to `end_steps`; at `end_steps` itself only if it
+        # falls on the period.
+        self.schedule = MaskSchedule(
+            update_interval, end=end_steps,
+            names=("sparsity.update_interval", "sparsity.begin_steps", "sparsity.end_steps"),
+        )
         self.drop_fraction = check_number("sparsity.drop_fraction", drop_fraction, 0.0, 1.0)
         self.decay = decay
-        self.end = check_steps("sparsity.end_steps", end_steps)
         self.generator = torch.Generator()
-        self.resolve_schedule(None)
-
-    def resolve_schedule(self, total_steps):
-        self.end_steps = resolve_steps(self.end, total_steps)
 
     def attach(self, model, total_steps=None):
         # A private RNG for the random choices during training, seeded from the run's RNG
@@ -51,7 +56,7 @@ class DynamicSparse(SparsityMethod):
     def phase(self, step: int) -> str:
         if not self.layers:
             return "dense"
-        return "fixed" if self.end_steps is not None and step >= self.end_steps else "dynamic"
+        return "fixed" if self.schedule.ended(step) else "dynamic"
 
     def initial_masks(self, layer: SparseLayer):
         mask = random_mask(layer.theta.shape, layer.k_forward, layer.theta.device, self.generator)
@@ -59,15 +64,14 @@ class DynamicSparse(SparsityMethod):
 
     def update_due(self, step: int) -> bool:
         """Masks change after optimizer step `step` (1-based)."""
-        ended = self.end_steps is not None and step > self.end_steps
-        return bool(self.layers) and not ended and step % self.update_interval == 0
+        return bool(self.layers) and self.schedule.updates_at(step)
 
     def fraction(self, step: int) -> float:
         """Share of each layer's active weights replaced at `step`: constant, or cosine decay
         to 0 at `end_steps` (RigL)."""
-        if self.decay == "constant" or not self.end_steps:
+        if self.decay == "constant" or not self.schedule.end:
             return self.drop_fraction
-        return self.drop_fraction / 2 * (1 + math.cos(math.pi * min(step, self.end_steps) / self.end_steps))
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * self.schedule.progress(step)))
 
     def grow_scores(self, layer: SparseLayer) -> torch.Tensor | None:
         """Higher grows first; None skips this update (e.g. no gradient was captured)."""
@@ -98,7 +102,7 @@ class DynamicSparse(SparsityMethod):
         born = new & ~old
         theta.masked_fill_(born, 0)
         zero_optimizer_state(optimizer, theta, born)
-        self.set_masks(layer, new, new, optimizer)
+        layer.set_masks(new, new, optimizer)
 
     def extra_state(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -7,8 +7,9 @@ import math
 
 import torch
 
-from ..errors import UserError, check_int
-from .base import SparseLayer, SparsityMethod, check_steps, resolve_steps
+from ..errors import UserError
+from .base import SparseLayer, SparsityMethod
+from .schedule import MaskSchedule
 from .topk import topk_mask
 
 
@@ -20,6 +21,11 @@ class GMP(SparsityMethod):
     `end_steps` it holds exactly k. Steps may be counts or fractions of the run."""
 
     name = "gmp"
+    # begin_steps / end_steps are not here: they set the target count at every step, and
+    # pruning never regrows, so a window changed halfway through gives a mask path that is
+    # neither run's (a later end cannot give back weights already pruned). The interval only
+    # decides at which steps that same path is sampled.
+    resume_may_change = ("prune_interval", "regularization")
 
     def __init__(
         self,
@@ -31,30 +37,19 @@ class GMP(SparsityMethod):
         **selection,
     ):
         super().__init__(forward, forward, regularization=regularization, **selection)
-        self.prune_interval = check_int("sparsity.prune_interval", prune_interval)
-        self.begin = check_steps("sparsity.begin_steps", begin_steps)
-        self.end = check_steps("sparsity.end_steps", end_steps)
-        if self.begin is None or self.end is None:
+        if begin_steps is None or end_steps is None:
             raise UserError("sparsity.begin_steps and sparsity.end_steps must be set for gmp")
-        if type(self.begin) is type(self.end) and self.begin > self.end:
-            raise UserError(f"sparsity.begin_steps={begin_steps} is after sparsity.end_steps={end_steps}")
-        self.resolve_schedule(None)
-
-    def resolve_schedule(self, total_steps):
-        self.begin_steps = resolve_steps(self.begin, total_steps)
-        self.end_steps = resolve_steps(self.end, total_steps)
-        if self.begin_steps is not None and self.end_steps is not None and self.begin_steps > self.end_steps:
-            raise UserError(f"sparsity.begin_steps ({self.begin_steps} steps) is after sparsity.end_steps ({self.end_steps})")
+        # Prune every `prune_interval` steps counted from `begin_steps`, and at `end_steps`.
+        self.schedule = MaskSchedule(
+            prune_interval, begin_steps, end_steps, update_at_end=True,
+            names=("sparsity.prune_interval", "sparsity.begin_steps", "sparsity.end_steps"),
+        )
 
     def count(self, layer: SparseLayer, step: int) -> int:
         """Active weights of `layer` after step `step` on the cubic schedule."""
-        if self.begin_steps is None or self.end_steps is None:
+        if not self.schedule.resolved:
             raise UserError("gmp: begin_steps/end_steps given as fractions need the run's length: attach(model, total_steps=N)")
-        if step >= self.end_steps:
-            return layer.k_forward
-        if step <= self.begin_steps:
-            return layer.numel
-        left = 1.0 - (step - self.begin_steps) / (self.end_steps - self.begin_steps)
+        left = 1.0 - self.schedule.progress(step)  # 1 up to begin_steps, 0 from end_steps on
         return layer.k_forward + round((layer.numel - layer.k_forward) * left**3)
 
     def initial_masks(self, layer: SparseLayer):
@@ -69,18 +64,16 @@ class GMP(SparsityMethod):
     def phase(self, step: int) -> str:
         if not self.layers:
             return "dense"
-        return "fixed" if step >= self.end_steps else "prune"
+        return "fixed" if self.schedule.ended(step) else "prune"
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer=None) -> bool:
-        if not self.layers or step <= self.begin_steps or step > self.end_steps:
-            return False
-        if (step - self.begin_steps) % self.prune_interval != 0 and step != self.end_steps:
+        if not self.layers or not self.schedule.updates_at(step):
             return False
         changed = False
         for layer in self.layers:
             mask = self.prune(layer, layer.forward, self.count(layer, step))
             if not torch.equal(mask, layer.forward):
-                self.set_masks(layer, mask, mask, optimizer)
+                layer.set_masks(mask, mask, optimizer)
                 changed = True
         return changed

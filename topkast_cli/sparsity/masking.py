@@ -1,10 +1,14 @@
-"""How a layer turns its dense θ and its two masks into the weight it computes with.
+"""The compute side of a sparse layer: how its dense θ and its two masks become the weight it
+computes with.
 
-This is the one place where θ and the masks meet. Every sparse layer (Linear, Conv,
-Embedding) gets a `MaskedWeight` parametrization on its `weight`, so any code that reads
-`module.weight` (its own forward, attention blocks that read `out_proj.weight`, tied
-embeddings) sees α = θ ⊙ 1_A, while θ stays the stored parameter. A sparse-kernel backend
-would replace `masked_weight` per layer type without touching the trainer.
+Every sparse layer (Linear, Conv, Embedding) gets a `MaskedWeight` parametrization on its
+`weight`, so any code that reads `module.weight` (its own forward, attention blocks that read
+`out_proj.weight`, tied embeddings) sees α = θ ⊙ 1_A, while θ stays the stored parameter.
+
+The masks are stored here, once, as bool tensors (one byte per weight; B = A is one shared
+tensor). Only their owner, `base.SparseLayer`, reads or changes them: everything else asks
+the layer. A sparse-kernel backend would replace this module per layer type without touching
+the methods or the trainer.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch.nn.utils import parametrize
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """Forward: θ ⊙ forward_mask. Backward: g ⊙ backward_mask.
+    """Forward: θ where A, else 0. Backward: g where B, else 0 (B None: g everywhere).
 
     The gradient on B \\ A is ∂L/∂α there (not 0, which plain `θ * mask` would give), and
     entries outside B get exactly zero gradient.
@@ -26,40 +30,37 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, forward_mask, backward_mask):
         ctx.save_for_backward(backward_mask)
-        return theta * forward_mask
+        return torch.where(forward_mask, theta, 0)
 
     @staticmethod
     def backward(ctx, grad):
         (backward_mask,) = ctx.saved_tensors
-        return grad * backward_mask, None, None
+        if backward_mask is None:
+            return grad, None, None
+        return torch.where(backward_mask, grad, 0), None, None
 
 
-def masked_weight(theta: torch.Tensor, forward_mask: torch.Tensor, backward_mask: torch.Tensor):
-    """α = θ ⊙ forward_mask with gradient g ⊙ backward_mask (masks in θ's dtype)."""
+def masked_weight(theta: torch.Tensor, forward_mask: torch.Tensor, backward_mask: torch.Tensor | None):
+    """α = θ ⊙ 1_A with gradient g ⊙ 1_B (bool masks; backward_mask None: the dense gradient)."""
     return _MaskedWeight.apply(theta, forward_mask, backward_mask)
 
 
 class MaskedWeight(nn.Module):
-    """Parametrization θ -> α. Holds the masks as float tensors (not state_dict buffers:
-    the checkpoint stores masks as bool tensors, apart from the model)."""
+    """Parametrization θ -> α, holding the layer's masks (bool, not state_dict buffers: the
+    checkpoint stores masks apart from the model). Read and written by `SparseLayer` only."""
 
     def __init__(self, theta: torch.Tensor):
         super().__init__()
-        ones = torch.ones_like(theta, memory_format=torch.contiguous_format)
-        self.forward_mask = ones
-        self.backward_mask = ones
-        self.use_dense = False  # evaluate the dense θ (eval.dense=true)
-
-    def set_masks(self, forward: torch.Tensor, backward: torch.Tensor) -> None:
-        # Float masks: a float product is faster than one with a bool mask. B = A (the same
-        # tensor) shares one.
-        self.forward_mask = forward.to(self.forward_mask.dtype)
-        self.backward_mask = self.forward_mask if backward is forward else backward.to(self.forward_mask.dtype)
+        empty = torch.zeros(theta.shape, dtype=torch.bool, device=theta.device)
+        self.forward_mask = empty  # A
+        self.backward_mask = empty  # B ⊇ A; the same tensor when B = A
+        self.dense_gradient = False  # let every entry's gradient through (RigL's capture)
+        self.use_dense = False  # compute with the dense θ (eval.dense=true)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         if self.use_dense:
             return theta
-        return masked_weight(theta, self.forward_mask, self.backward_mask)
+        return masked_weight(theta, self.forward_mask, None if self.dense_gradient else self.backward_mask)
 
 
 SPARSE_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -100,18 +101,3 @@ def load_plain_state_dict(model: nn.Module, state: dict, strict: bool = True):
     names = {plain_name(k): k for k in model.state_dict()}
     renamed = {names.get(k, k): v for k, v in state.items()}
     return model.load_state_dict(renamed, strict=strict)
-
-
-def named_masked_weights(model: nn.Module):
-    """(plain weight name, module, MaskedWeight) for every parametrized layer."""
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
-                if isinstance(p, MaskedWeight):
-                    yield (f"{name}.weight" if name else "weight"), module, p
-
-
-def use_dense_weights(model: nn.Module, dense: bool = True) -> None:
-    """Make every sparse layer compute with θ instead of α (for `eval.dense=true`)."""
-    for _, _, p in named_masked_weights(model):
-        p.use_dense = dense

@@ -12,9 +12,10 @@ class RigL(DynamicSparse):
     """Every `update_interval` steps until `end_steps` replace a fraction of each layer's
     active weights, the fraction decaying from `drop_fraction` to 0 along a cosine.
 
-    The dense gradient is only computed at update steps: `before_forward` opens the backward
-    mask to every entry, `after_backward` records |∂L/∂α| and masks the gradient back to A,
-    so the optimizer step itself is that of ordinary sparse training.
+    The dense gradient is only computed at update steps: `before_forward` asks every layer to
+    pass the dense gradient (its masks stay as they are), `after_backward` records |∂L/∂α|
+    and masks the gradient back to A, so the optimizer step itself is that of ordinary
+    sparse training.
     """
 
     name = "rigl"
@@ -22,18 +23,18 @@ class RigL(DynamicSparse):
     def __init__(self, forward=0.9, update_interval=100, drop_fraction=0.3, decay="cosine", end_steps=0.75, **kwargs):
         super().__init__(forward, update_interval, drop_fraction, decay, end_steps, **kwargs)
         self.scores: dict[str, torch.Tensor] = {}
-        self.capturing = False  # the backward masks are open to every entry for this step
+        self.capturing = False  # the layers pass the dense gradient for this step
 
     def before_forward(self, step: int) -> None:
         self.capturing = self.update_due(step + 1)
         if self.capturing:
             for layer in self.layers:
-                layer.masked.set_masks(layer.forward, torch.ones_like(layer.backward))
+                layer.pass_dense_gradient(True)
 
     def _close(self) -> None:
-        """Back to B = A in every layer."""
+        """Back to gradients on B = A in every layer."""
         for layer in self.layers:
-            layer.masked.set_masks(layer.forward, layer.backward)
+            layer.pass_dense_gradient(False)
         self.capturing = False
 
     @torch.no_grad()

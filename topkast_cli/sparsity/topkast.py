@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import check_int
-from .base import SparseLayer, SparsityMethod, check_steps, resolve_steps
+from .base import SparseLayer, SparsityMethod
+from .schedule import MaskSchedule
 from .topk import topk_mask, topk_masks
 
 
@@ -18,28 +18,37 @@ class TopKAST(SparsityMethod):
       B \\ A (D = the layer's forward density), nothing outside B,
     - A and B are recomputed from |θ| every `refresh_interval` steps while exploring,
     - after `exploration_steps` steps (a count, or a fraction of the run; null: never) the
-      masks lock: A is fixed, B = A (refinement).
+      masks lock: A is fixed, B = A (refinement). The lock is part of the method's state
+      (a resumed run stays locked even if exploration_steps changed).
     """
 
     name = "topkast"
+    backward_is_forward = False
+    # The refresh period and the exploration length only decide when masks are next
+    # recomputed from |θ|, and the lock is kept in the checkpoint: both may change on resume.
+    resume_may_change = ("refresh_interval", "exploration_steps", "regularization")
 
     def __init__(
         self,
         forward: float = 0.9,
         backward: float | None = None,
         refresh_interval: int = 25,
-        exploration_steps: int | None = None,
+        exploration_steps: int | float | None = None,
         regularization: float = 0.0,
         **selection,
     ):
         super().__init__(forward, backward, regularization=regularization, **selection)
-        self.exploration = check_steps("sparsity.exploration_steps", exploration_steps)
-        self.refresh_interval = check_int("sparsity.refresh_interval", refresh_interval)
+        # Refresh every `refresh_interval` steps; at the end of exploration lock (with one
+        # last refresh, B = A).
+        self.schedule = MaskSchedule(
+            refresh_interval, end=exploration_steps, update_at_end=True,
+            names=("sparsity.refresh_interval", "sparsity.begin_steps", "sparsity.exploration_steps"),
+        )
         self.resolve_schedule(None)
 
     def resolve_schedule(self, total_steps):
-        self.exploration_steps = resolve_steps(self.exploration, total_steps)
-        self.locked = self.exploration_steps == 0
+        super().resolve_schedule(total_steps)
+        self.locked = self.schedule.ended(0)
 
     def phase(self, step: int) -> str:
         if not self.layers:
@@ -64,13 +73,13 @@ class TopKAST(SparsityMethod):
     def after_step(self, step: int, optimizer=None) -> bool:
         if self.locked:
             return False
-        if self.exploration_steps is not None and step >= self.exploration_steps:
+        if self.schedule.ended(step):
             self.locked = True  # refinement: A is fixed from now on and B = A
-        elif step % self.refresh_interval != 0:
+        elif not self.schedule.updates_at(step):
             return False
         for layer in self.layers:
             forward, backward = self._top(layer)
-            self.set_masks(layer, forward, backward, optimizer)
+            layer.set_masks(forward, backward, optimizer)
         return True
 
     def extra_state(self) -> dict:

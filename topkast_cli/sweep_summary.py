@@ -1,7 +1,7 @@
-"""topkast sweep: a Hydra multirun of the training task, then one summary of all its runs.
+"""The summary of a sweep (`topkast sweep`, a Hydra multirun of the training task).
 
-Every job is validated before Hydra starts (the sweeper parameters of sweep.yaml merged with
-the command line's, as Hydra's basic sweeper merges them). When the jobs end, the
+The sweep's jobs are the sweeper parameters of sweep.yaml merged with the command line's, as
+Hydra's basic sweeper merges them (`merge_params`). When the jobs end, the
 `SweepSummary` callback reads each job's summary.json and writes at the sweep root:
 summary.csv (one row per job), summary.md (one row per setting, mean ± std over seeds) and
 accuracy_vs_sparsity.png. A job that failed is a row marked failed, also when it failed before
@@ -25,13 +25,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from .config import compose, expand_sweep
+from .config import expand_sweep, instantiate
 from .errors import UserError
 
 log = logging.getLogger("topkast")
 
 FILES = ("summary.csv", "summary.md", "accuracy_vs_sparsity.png")
-_state: dict = {"root": None, "summary": None}  # set by the callback in the launching process
+state: dict = {"root": None, "summary": None}  # set by the callback in the launching process
 
 
 # ------------------------------------------------------------------- sweep jobs
@@ -51,13 +51,13 @@ def merge_params(params: dict | None, overrides: list[str]) -> list[str]:
     return [line for line, _ in by_key.values()]
 
 
-def _parsed(lines: list[str]):
+def parsed_overrides(lines: list[str]):
     return OverridesParser.create().parse_overrides(list(lines)) if lines else []
 
 
 def _job_key(lines) -> frozenset:
     """Order- and spelling-independent identity of one job's overrides."""
-    return frozenset((o.get_key_element(), o.get_value_element_as_str()) for o in _parsed([str(l) for l in lines]))
+    return frozenset((o.get_key_element(), o.get_value_element_as_str()) for o in parsed_overrides([str(l) for l in lines]))
 
 
 def expected_jobs(multirun_yaml: Path) -> list[list[str]]:
@@ -99,23 +99,17 @@ def job_row(job_dir: Path, root: Path) -> dict:
             summary = json.loads((job_dir / "summary.json").read_text())
         except json.JSONDecodeError:
             summary = None
-    sp = config.get("sparsity") or {}
-    forward = float(sp.get("forward", 0.0) or 0.0)
-    backward = sp.get("backward")
-    if "backward" not in sp:  # a method with B = A (static, SET, RigL, GMP)
-        backward, setting = forward, "-"
-    else:
-        setting = "2x density" if backward is None else str(backward)
+    method = _method(config)
     row = {
         "job": str(job_dir.relative_to(root)),
         "overrides": [str(o) for o in overrides],
         "status": "missing",
-        "method": "dense" if forward == 0 else _short(sp.get("_target_")).lower(),
+        "method": method.display_name if method else None,
         "model": _short(OmegaConf.select(config, "model._target_")),
         "dataset": _short(OmegaConf.select(config, "dataset._target_")),
-        "forward_sparsity": forward,
-        "backward_sparsity": backward if backward is not None else max(0.0, 1.0 - 2.0 * (1.0 - forward)),
-        "backward_setting": setting,
+        "forward_sparsity": method.forward_sparsity if method else None,
+        "backward_sparsity": method.backward_sparsity if method else None,
+        "backward_setting": method.backward_rule if method else "-",
         "seed": config.get("seed"),
         "sparse_density": None,
         "density": None,
@@ -135,7 +129,7 @@ def job_row(job_dir: Path, root: Path) -> dict:
         row.update(
             status=summary.get("status", "failed"),
             method=summary.get("method", row["method"]),
-            forward_sparsity=summary.get("forward_sparsity", forward),
+            forward_sparsity=summary.get("forward_sparsity", row["forward_sparsity"]),
             backward_sparsity=summary.get("backward_sparsity", row["backward_sparsity"]),
             sparse_density=density.get("sparse_density"),
             density=density.get("density"),
@@ -153,9 +147,18 @@ def job_row(job_dir: Path, root: Path) -> dict:
         row["error"] = _log_error(job_dir)
         row["status"] = "failed" if row["error"] else "incomplete"
         row["error"] = row["error"] or "no summary.json: still running, or killed"
-    if row["method"] == "dense":
-        row["backward_setting"] = "-"
     return row
+
+
+def _method(config):
+    """The job's sparsity method, built from its config: it describes itself (name, backward
+    rule). None when the job has no config (it never started) or one that no longer builds."""
+    if "sparsity" not in config:
+        return None
+    try:
+        return instantiate(config.sparsity, "sparsity")
+    except UserError:
+        return None
 
 
 def collect(root: Path) -> list[dict]:
@@ -182,15 +185,15 @@ def varying_keys(rows: list[dict]) -> list[str]:
     """Swept keys other than sparsity and seed (e.g. optimizer.lr): extra table columns."""
     values: dict[str, set] = {}
     for r in rows:
-        for o in _parsed(r["overrides"]):
+        for o in parsed_overrides(r["overrides"]):
             values.setdefault(o.get_key_element(), set()).add(o.get_value_element_as_str())
     n = len(rows)
-    counts = {k: sum(any(o.get_key_element() == k for o in _parsed(r["overrides"])) for r in rows) for k in values}
+    counts = {k: sum(any(o.get_key_element() == k for o in parsed_overrides(r["overrides"])) for r in rows) for k in values}
     return sorted(k for k, v in values.items() if k not in KEYS_SHOWN and (len(v) > 1 or counts[k] < n))
 
 
 def _extras(row: dict, keys: list[str]) -> tuple:
-    found = {o.get_key_element(): o.get_value_element_as_str() for o in _parsed(row["overrides"])}
+    found = {o.get_key_element(): o.get_value_element_as_str() for o in parsed_overrides(row["overrides"])}
     return tuple(found.get(k, "") for k in keys)
 
 
@@ -344,80 +347,7 @@ class SweepSummary(Callback):
     """Hydra callback: write the summary when the multirun ends."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        _state["root"], _state["summary"] = Path(str(config.hydra.sweep.dir)), None
+        state["root"], state["summary"] = Path(str(config.hydra.sweep.dir)), None
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        _state["summary"] = summarize(Path(str(config.hydra.sweep.dir)))
-
-
-# ----------------------------------------------------------------------- command
-def _summarize_arg(args: list[str]) -> str | None:
-    for i, a in enumerate(args):
-        if a == "--summarize":
-            if i + 1 >= len(args):
-                raise UserError("--summarize needs a sweep directory: topkast sweep --summarize runs/sweep/<time>")
-            return args[i + 1]
-        if a.startswith("--summarize="):
-            return a.split("=", 1)[1]
-        if a.startswith("summarize="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _quote(key: str) -> str:
-    return "'" + key.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def sweep_args(overrides: list[str], config_dir: str | None) -> tuple[list[str], list[str]]:
-    """(every job's overrides merged with sweep.yaml's params, extra Hydra overrides that name
-    each job's directory by its swept values only)."""
-    first = expand_sweep(overrides)[0] if overrides else []
-    base = compose("sweep", first, config_dir)
-    params = OmegaConf.to_container(OmegaConf.select(base, "hydra.sweeper.params") or OmegaConf.create({}))
-    merged = merge_params(params, overrides)
-    parsed = _parsed(merged)
-    task = [o for o in parsed if not o.key_or_group.startswith("hydra.") and o.key_or_group != "hydra"]
-    swept = [o for o in task if o.is_sweep_override()]
-    extra = []
-    if swept:
-        fixed = sorted({o.key_or_group for o in task if not o.is_sweep_override()} | {"resume"})
-        extra.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(_quote(k) for k in fixed)}]")
-    elif not [o for o in task if o.key_or_group != "resume"]:
-        extra.append("hydra.sweep.subdir=run")  # a sweep of one job with no override
-    return merged, extra
-
-
-def cmd_sweep(args: list[str]) -> None:
-    from .cli import _hydra_args, _launch, _preflight, _set, train_task
-
-    target = _summarize_arg(args)
-    if target is not None:
-        if summarize(target)["failed"]:
-            raise SystemExit(1)
-        return
-    ns = _hydra_args(args)
-    if ns.help or ns.hydra_help or ns.info or ns.cfg or ns.shell_completion or ns.resolve:
-        _launch("sweep", train_task, "topkast sweep", args)
-        return
-    resume = _set(ns.overrides, "resume")
-    if resume not in (None, "", "null", "auto"):
-        raise UserError(
-            f"resume={resume}: a sweep continues its jobs with resume=auto (and the same hydra.sweep.dir); "
-            "to continue one run from a file use topkast train resume=PATH"
-        )
-    merged, extra = sweep_args(ns.overrides, ns.config_dir)
-    flags = [a for a in args if a not in set(ns.overrides) and a not in ("-m", "--multirun")]
-    _preflight("sweep", ["--multirun", *flags, *merged, *extra])
-    _state["root"] = _state["summary"] = None
-    try:
-        _launch("sweep", train_task, "topkast sweep", ["--multirun", *flags, *ns.overrides, *extra])
-    finally:
-        # The callback did not run (a launcher raised, or the sweep was interrupted): still
-        # summarise what the jobs wrote.
-        if _state["summary"] is None and _state["root"] is not None and _state["root"].is_dir():
-            try:
-                _state["summary"] = summarize(_state["root"])
-            except Exception as e:  # never hide the original error
-                log.error("could not write the sweep summary: %s", e)
-    if _state["summary"] is not None and _state["summary"]["failed"]:
-        raise SystemExit(1)
+        state["summary"] = summarize(Path(str(config.hydra.sweep.dir)))
