@@ -1,4 +1,4 @@
-"""`python -m bench [accuracy] [speed] [memory] [--quick] [--out DIR]`: all three by default."""
+"""`python -m bench [accuracy] [speed] [memory] [lm] [backends] [--quick] [--out DIR]`: all of them by default."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
-from . import accuracy, memory, speed
+from . import accuracy, backends, lm, memory, speed
 from .common import RESULTS
 
-PARTS = {"accuracy": accuracy.main, "speed": speed.main, "memory": memory.main}
+PARTS = {"accuracy": accuracy.main, "speed": speed.main, "memory": memory.main, "lm": lm.main, "backends": backends.main}
 
 
 def main() -> None:

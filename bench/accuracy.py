@@ -40,7 +40,7 @@ def topkast_sweep(args: list[str], sweep_dir: Path, jobs: int) -> None:
         raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-2000:]}")
 
 
-def pivot(rows: list[dict]) -> str:
+def pivot(rows: list[dict], digits: int = 1) -> str:
     """Final metric, mean ± std over seeds: one row per method, one column per sparsity."""
     done = [r for r in rows if r["status"] == "completed" and r.get("final") is not None]
     sparsities = sorted({r["forward_sparsity"] for r in done if r["method"] != "dense"})
@@ -55,7 +55,7 @@ def pivot(rows: list[dict]) -> str:
                 cells.append("-")
             else:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells.append(f"{statistics.fmean(values):.1f} ± {std:.1f}")
+                cells.append(f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,9 @@ SETTINGS = {
 }
 
 
+COLUMNS = ("peak", "parameters", "trained values", "gradients", "optimizer", "masks", "index")
+
+
 def _status(key: str) -> int:
     """A memory figure of this process from /proc/self/status, in bytes (Linux)."""
     with open("/proc/self/status") as f:
@@ -46,16 +49,29 @@ def one(overrides: list[str], steps: int) -> dict:
         peak = _status("VmHWM") - before
         if run.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated()
-        method_state = []
-        for layer in run.method.layers:
-            method_state += [layer.forward, layer.backward]
-        return {
-            "peak": peak,
-            "parameters": _bytes(run.model.parameters()),
-            "gradients": _bytes(p.grad for p in run.model.parameters()),
-            "optimizer": _bytes(v for s in run.optimizer.state.values() for v in s.values()),
-            "masks": _bytes(method_state),
-        }
+        return accounting(run, peak)
+
+
+def accounting(run, peak: int) -> dict:
+    """Where the bytes of a run go: the model's parameters (θ dense), what the optimizer trains
+    apart from them (the sparse backend's B values), the gradients of everything trained, the
+    optimizer state, the masks, and the sparse backend's CSR index structures."""
+    masks, index = [], []
+    for layer in run.method.layers:
+        held = layer.held()
+        masks += held.get("masks", [])
+        index += held.get("index", [])
+    trained = [p for g in run.optimizer.param_groups for p in g["params"]]
+    model_ids = {id(p) for p in run.model.parameters()}
+    return {
+        "peak": peak,
+        "parameters": _bytes(run.model.parameters()),
+        "trained values": _bytes(p for p in trained if id(p) not in model_ids),
+        "gradients": _bytes(p.grad for p in trained),
+        "optimizer": _bytes(v for s in run.optimizer.state.values() for v in s.values()),
+        "masks": _bytes(masks),
+        "index": _bytes(index),
+    }
 
 
 def main(out: Path, quick: bool = False) -> Path:
@@ -65,9 +81,10 @@ def main(out: Path, quick: bool = False) -> Path:
         f"Each run in a fresh process, {steps} training steps (Top-KAST with a refresh among them). "
         "`peak` is the growth of peak resident memory over the process before the run was built "
         "(CUDA: the allocator's peak); the other columns count tensor bytes: parameters, gradients, "
-        "optimizer state (Adam), and the method's masks (bool, stored once per layer; B = A shares one).\n"
+        "optimizer state (Adam), and the method's masks (bool, stored once per layer; B = A shares one); "
+        "`trained values` and `index` are the sparse backend's B values and CSR patterns (see backends.md).\n"
     )
-    columns = ("peak", "parameters", "gradients", "optimizer", "masks")
+    columns = COLUMNS
     for model, (overrides, _) in MODELS.items():
         print(f"memory: {model}", flush=True)
         found = {}

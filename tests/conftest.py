@@ -115,6 +115,21 @@ def step(model, method, optimizer, i):
     return method.after_step(i + 1, optimizer)
 
 
+# The compute backends every invariant test runs on (`auto` picks one of them per layer).
+BACKENDS = ("masked", "sparse")
+
+
+def grad_of(layer):
+    """The gradient of what the optimizer trains for `layer`, in θ's shape (zero outside B)."""
+    g = layer.trained.grad
+    return None if g is None else layer.dense_state(g)
+
+
+def state_of(optimizer, layer, key):
+    """Optimizer state `key` of `layer` in θ's shape (zero outside B), on any backend."""
+    return layer.dense_state(optimizer.state[layer.trained][key])
+
+
 # Optimizers whose weight decay and momentum would move frozen entries if anything leaked.
 OPTIMIZERS = {
     "sgd_momentum_wd": lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01),

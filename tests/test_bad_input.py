@@ -51,6 +51,17 @@ CASES = {
         None,
     ),
     "layer-keeps-no-weight": (["sparsity.forward=0.9999", *AUTO], ["features.2", "no weight", "dense_layers"], None),
+    "unknown-backend": (["sparsity.backend=banana", *AUTO], ["sparsity.backend='banana'", "masked, sparse, auto"], None),
+    "sparse-backend-conv-layer": (
+        ["sparsity.backend=sparse", *AUTO],
+        ["sparsity.backend=sparse", "layer features.2", "Conv1d", "sparsity.backend=auto"],
+        None,
+    ),
+    "sparse-backend-rigl": (
+        ["dataset=mnist1d", "dataset.num_samples=1000", "sparsity=rigl", "sparsity.backend=sparse", *FRESH],
+        ["sparsity.backend=sparse", "sparsity=rigl", "dense gradient", "use sparsity.backend=masked"],
+        None,
+    ),
     "resume-missing-file": (["resume={tmp}/missing.ckpt", *FRESH], ["resume=", "missing.ckpt", "no such file"], None),
     "resume-directory": (["resume={run}", *FRESH], ["is a directory", "last.ckpt"], None),
     "resume-empty-file": (["resume={tmp}/empty.ckpt", *FRESH], ["empty.ckpt", "is empty"], None),

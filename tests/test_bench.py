@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.accuracy import pivot
+from bench.lm import SHAKESPEARE
 
 ROOT = Path(__file__).parent.parent
 
@@ -26,6 +27,18 @@ def test_pivot_is_mean_and_std_over_seeds_per_method_and_sparsity():
     assert lines[4] == "| topkast | - | 82.0 ± 2.8 |"
 
 
+def test_quick_backend_table_has_every_backend_machine_and_date(tmp_path):
+    from bench import backends
+
+    text = backends.main(tmp_path, quick=True).read_text()
+    assert "Machine:" in text and "Date:" in text
+    for row in ("| 90/80 | dense |", "| 90/80 | masked |", "| 90/80 | sparse |", "| 90/80 | auto |"):
+        assert row in text
+    assert "refused: sparsity.backend=sparse cannot run layer features.2" in text  # the CNN's convs
+    assert "`auto` at 90/80" in text
+    assert backends.HAS_TRANSFORMER or "transformer is not included" in text
+
+
 @pytest.mark.slow
 def test_quick_bench_writes_every_result(tmp_path):
     out = tmp_path / "results"
@@ -33,8 +46,21 @@ def test_quick_bench_writes_every_result(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
-    assert {"speed.md", "memory.md", "accuracy_mnist1d.md", "accuracy_mnist1d.png", "accuracy_digits.csv"} <= names
+    assert {"speed.md", "memory.md", "backends.md", "accuracy_mnist1d.md", "accuracy_mnist1d.png", "accuracy_digits.csv"} <= names
     speed = (out / "speed.md").read_text()
     assert "Machine:" in speed and "Date:" in speed and "refresh every 100 steps" in speed
     table = (out / "accuracy_mnist1d.md").read_text()
     assert "| topkast |" in table and "| dense |" in table
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} is absent (../shared/data from the repository)")
+def test_quick_lm_bench_writes_its_table(tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "bench", "lm", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"lm_tinyshakespeare.md", "lm_tinyshakespeare.csv", "lm_tinyshakespeare.png"} <= {p.name for p in out.iterdir()}
+    table = (out / "lm_tinyshakespeare.md").read_text()
+    assert "| dense |" in table and "| topkast |" in table and "relative to dense" in table
+    assert "Top-KAST 0.9:" in table  # the target line against dense

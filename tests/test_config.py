@@ -30,11 +30,17 @@ IMAGE_MODELS = ("resnet18", "resnet50", "wrn22_2", "wrn28_10", "vgg16")
 REQUIRED = {("model", m): ["dataset=synthetic"] for m in IMAGE_MODELS}
 REQUIRED.update({("dataset", d): ["model=mlp"] for d in ("synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "digits")})
 REQUIRED[("dataset", "imagefolder")] = ["model=mlp", "dataset.root={tmp}"]
+# Language models need text; the pre-flight check of a byte corpus needs no data when it may download.
+TEXT = ["model=transformer", "dataset.context=16"]
+REQUIRED[("model", "transformer")] = ["dataset=textfile", "dataset.path={tmp}/t.txt", "dataset.context=16"]
+REQUIRED[("dataset", "textfile")] = [*TEXT, "dataset.path={tmp}/t.txt"]
+REQUIRED.update({("dataset", d): [*TEXT, "dataset.download=true"] for d in ("enwik8", "text8", "wikitext103")})
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group, option, tmp_path):
     extra = [o.format(tmp=tmp_path) for o in REQUIRED.get((group, option), [])]
+    (tmp_path / "t.txt").write_text("a small text file " * 20)
     cfg = make_config([f"{group}={option}", *extra])
     assert cfg[group] is not None
     validate(cfg)

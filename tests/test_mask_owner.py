@@ -6,17 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import batch, net, step
+from conftest import BACKENDS, batch, grad_of, net, state_of, step
 from topkast_cli.errors import UserError
+from topkast_cli.run import build_optimizer
 from topkast_cli.sparsity import GMP, SET, RigL, Static, TopKAST
 
 METHODS = {
-    "topkast": lambda: TopKAST(0.8, 0.6, refresh_interval=2, exploration_steps=6, regularization=0.01),
-    "static": lambda: Static(0.8),
-    "set": lambda: SET(0.8, update_interval=2),
-    "rigl": lambda: RigL(0.8, update_interval=2, end_steps=None),
-    "gmp": lambda: GMP(0.8, begin_steps=0, end_steps=6, prune_interval=2),
+    "topkast": lambda b: TopKAST(0.8, 0.6, refresh_interval=2, exploration_steps=6, regularization=0.01, backend=b),
+    "static": lambda b: Static(0.8, backend=b),
+    "set": lambda b: SET(0.8, update_interval=2, backend=b),
+    "rigl": lambda b: RigL(0.8, update_interval=2, end_steps=None, backend=b),
+    "gmp": lambda b: GMP(0.8, begin_steps=0, end_steps=6, prune_interval=2, backend=b),
 }
+# Every method on every backend that runs it (RigL's dense-gradient capture: masked only).
+CASES = [(name, b) for name in METHODS for b in BACKENDS if not (name == "rigl" and b == "sparse")]
 
 
 def compute_side(layer):
@@ -28,28 +31,31 @@ def tensors_of(module):
     return [v for v in vars(module).values() if torch.is_tensor(v)]
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_masks_are_bool_stored_once_and_b_is_a_when_equal(name):
+@pytest.mark.parametrize("name, backend", CASES)
+def test_masks_are_bool_stored_once_and_b_is_a_when_equal(name, backend):
     model = net()
-    method = METHODS[name]().attach(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = METHODS[name](backend).attach(model)
+    optimizer = build_optimizer(lambda g: torch.optim.SGD(g, lr=0.1), model, method)
     for i in range(8):
         for layer in method.layers:
             side = compute_side(layer)
             assert layer.forward.dtype == layer.backward.dtype == torch.bool
             # What the layer reads is what the compute side uses, not a copy.
             assert layer.forward is side.forward_mask and layer.backward is side.backward_mask
-            # At most one byte per weight per mask, nothing else of θ's size held.
-            held = {t.data_ptr(): t for t in tensors_of(side)}
+            # At most one byte per weight per mask, nothing else of θ's size held (the sparse
+            # backend also holds B's values, the tensor the optimizer trains, |B| long).
+            held = {t.data_ptr(): t for t in tensors_of(side) if t is not layer.trained}
             assert all(t.dtype == torch.bool for t in held.values()) and len(held) <= 2
+            assert layer.trained.numel() == (layer.numel if backend == "masked" else int(layer.backward.sum()))
             if torch.equal(layer.forward, layer.backward):
                 assert layer.backward is layer.forward, "B = A is one tensor"
         step(model, method, optimizer, i)
 
 
-def test_the_layer_computes_with_the_masks_it_reports():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_layer_computes_with_the_masks_it_reports(backend):
     model = net()
-    method = TopKAST(0.8, 0.6).attach(model)
+    method = TopKAST(0.8, 0.6, backend=backend).attach(model)
     layer = method.layers[0]
     forward = torch.zeros_like(layer.forward)
     forward.view(-1)[:7] = True
@@ -60,23 +66,31 @@ def test_the_layer_computes_with_the_masks_it_reports():
     assert torch.equal(model[2].weight, torch.where(forward, layer.theta, 0))
     x, y = batch(0)
     F.cross_entropy(model(x), y).backward()
-    grad = layer.theta.grad
+    grad = grad_of(layer)
     assert bool((grad[~backward] == 0).all()) and bool((grad[backward & ~forward] != 0).any())
 
 
-def test_set_masks_counts_churn_zeroes_state_leaving_b_and_checks_its_input():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_masks_counts_churn_zeroes_state_leaving_b_and_checks_its_input(backend):
     model = net()
-    method = TopKAST(0.5, 0.5, refresh_interval=1).attach(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    method = TopKAST(0.5, 0.5, refresh_interval=1, backend=backend).attach(model)
+    optimizer = build_optimizer(lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9), model, method)
     step(model, method, optimizer, 0)
     layer = method.layers[0]
     old = layer.forward.clone()
-    buffer = optimizer.state[layer.theta]["momentum_buffer"]
-    kept = buffer.clone()
-    new = ~old
+    kept = state_of(optimizer, layer, "momentum_buffer").clone()
+    new = old.clone()
+    new.view(-1)[:20] = ~old.view(-1)[:20]  # some entries leave B, some enter
+    new = new if int(new.sum()) else ~old
+    layer.set_masks(new, new, optimizer)
+    buffer = state_of(optimizer, layer, "momentum_buffer")
+    assert 0 < layer.churn <= 1.0
+    left, stayed = old & ~new, old & new
+    assert bool((buffer[left] == 0).all()) and torch.equal(buffer[stayed], kept[stayed])
+    assert bool((buffer[new & ~old] == 0).all()), "entries new to B start at zero state"
+    new = ~new
     layer.set_masks(new, new, optimizer)
     assert layer.churn == 1.0  # all of A replaced
-    assert bool((buffer[old] == 0).all()) and torch.equal(buffer[~old], kept[~old])
     with pytest.raises(ValueError, match="bool"):
         layer.set_masks(new.float(), new.float())
     with pytest.raises(ValueError, match="shape"):
@@ -143,9 +157,10 @@ def test_a_skipped_rigl_step_closes_the_capture():
     assert all(bool((l.theta.grad[~l.backward] == 0).all()) for l in method.layers)
 
 
-def test_measured_density_and_dense_weights():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_measured_density_and_dense_weights(backend):
     model = net()
-    method = TopKAST(0.75, 0.5).attach(model)
+    method = TopKAST(0.75, 0.5, backend=backend).attach(model)
     density = method.measured_density(model)
     sparse = sum(l.numel for l in method.layers)
     assert density["sparse_params"] == sparse

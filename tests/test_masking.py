@@ -1,42 +1,58 @@
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from conftest import BACKENDS, grad_of
 from topkast_cli.sparsity import TopKAST, load_plain_state_dict, plain_state_dict
 
-
-def small_net():
-    torch.manual_seed(0)
-    return nn.Sequential(
+# The sparse backend runs Linear layers only: its network has the same input and output.
+NETS = {
+    "masked": lambda: nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
         nn.Flatten(), nn.Linear(8 * 6 * 6, 10),
-    )
+    ),
+    "sparse": lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 10)),
+}
 
 
-def attach(model, forward=0.8, backward=0.5):
-    return TopKAST(forward, backward, dense_first=False).attach(model)
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
 
 
-def test_forward_uses_alpha():
-    model = small_net()
+def small_net(backend="masked"):
+    torch.manual_seed(0)
+    return NETS[backend]()
+
+
+def attach(model, forward=0.8, backward=0.5, backend="masked"):
+    return TopKAST(forward, backward, dense_first=False, backend=backend).attach(model)
+
+
+def test_forward_uses_alpha(backend):
+    model = small_net(backend)
     reference = copy.deepcopy(model)  # a plain model, weights multiplied by A by hand
-    method = attach(model)
+    method = attach(model, backend=backend)
     with torch.no_grad():
         for layer in method.layers:
             dict(reference.named_parameters())[layer.name].mul_(layer.forward)
     x = torch.randn(4, 3, 6, 6)
-    assert torch.equal(model(x), reference(x))
-    assert not torch.equal(model(x), small_net()(x)), "masks must change the output"
+    if backend == "masked":
+        assert torch.equal(model(x), reference(x))
+    else:  # another summation order
+        torch.testing.assert_close(model(x), reference(x))
+    assert not torch.allclose(model(x), small_net(backend)(x)), "masks must change the output"
 
 
-def test_gradient_is_dloss_dalpha_on_b_and_zero_elsewhere():
-    model = small_net()
+def test_gradient_is_dloss_dalpha_on_b_and_zero_elsewhere(backend):
+    model = small_net(backend)
     plain = copy.deepcopy(model)
-    method = attach(model)
+    method = attach(model, backend=backend)
     x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
     F.cross_entropy(model(x), y).backward()
 
@@ -48,7 +64,7 @@ def test_gradient_is_dloss_dalpha_on_b_and_zero_elsewhere():
     grads = torch.autograd.grad(loss, [params[l.name] for l in method.layers])
 
     for layer, g_alpha in zip(method.layers, grads):
-        g = layer.theta.grad
+        g = grad_of(layer)
         assert torch.equal(g[~layer.backward], torch.zeros_like(g[~layer.backward]))
         only_b = layer.backward & ~layer.forward
         assert only_b.any()
@@ -56,24 +72,28 @@ def test_gradient_is_dloss_dalpha_on_b_and_zero_elsewhere():
         assert g[only_b].abs().sum() > 0, "entries of B\\A must get gradient (not θ*mask's zero)"
 
 
-def test_module_weight_read_directly_is_alpha():
-    # Code that reads `.weight` without calling forward (attention, tied weights) sees α.
+def test_module_weight_read_directly_is_alpha(backend):
+    # Code that reads `.weight` without calling forward (attention, tied weights) sees α, and
+    # its gradient reaches B.
     model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
-    method = TopKAST(0.5, 0.5, dense_first=False).attach(model)
+    method = TopKAST(0.5, 0.25, dense_first=False, backend=backend).attach(model)
     layer = method.layers[0]
     assert torch.equal(model[0].weight, layer.theta * layer.forward)
+    (model[0].weight * torch.arange(36.0).view(6, 6)).sum().backward()
+    expected = torch.where(layer.backward, torch.arange(36.0).view(6, 6), 0)
+    assert torch.equal(grad_of(layer), expected)
 
 
-def test_plain_state_dict_has_dense_names_and_round_trips():
-    model = small_net()
+def test_plain_state_dict_has_dense_names_and_round_trips(backend):
+    model = small_net(backend)
     dense_keys = set(model.state_dict())
-    attach(model)
+    attach(model, backend=backend)
     state = plain_state_dict(model)
     assert set(state) == dense_keys
-    # Loads into a plain model, and back into a masked one.
-    small_net().load_state_dict(state)
-    other = small_net()
-    attach(other)
+    # Loads into a plain model, and back into a sparse one.
+    small_net(backend).load_state_dict(state)
+    other = small_net(backend)
+    attach(other, backend=backend)
     with torch.no_grad():
         for p in other.parameters():
             p.zero_()
@@ -82,10 +102,10 @@ def test_plain_state_dict_has_dense_names_and_round_trips():
         assert torch.equal(v, state[k])
 
 
-def test_dense_evaluation_switch():
-    model = small_net()
+def test_dense_evaluation_switch(backend):
+    model = small_net(backend)
     reference = copy.deepcopy(model)
-    method = attach(model)
+    method = attach(model, backend=backend)
     x = torch.randn(2, 3, 6, 6)
     method.use_dense_weights(True)
     assert torch.equal(model(x), reference(x))

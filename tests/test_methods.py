@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import OPTIMIZERS, TINY, batch, make_config, net, step
+from conftest import BACKENDS, OPTIMIZERS, TINY, batch, make_config, net, state_of, step
 from test_eval import eval_config
 from topkast_cli.checkpoint import load_checkpoint
 from topkast_cli.errors import UserError
@@ -19,17 +19,19 @@ from topkast_cli.commands.train import train
 from topkast_cli.run import build_optimizer
 
 METHODS = {
-    "static": lambda: Static(0.9, regularization=0.01),
-    "set": lambda: SET(0.9, update_interval=2, drop_fraction=0.3, regularization=0.01),
-    "rigl": lambda: RigL(0.9, update_interval=2, drop_fraction=0.3, end_steps=10, regularization=0.01),
+    "static": lambda b: Static(0.9, regularization=0.01, backend=b),
+    "set": lambda b: SET(0.9, update_interval=2, drop_fraction=0.3, regularization=0.01, backend=b),
+    "rigl": lambda b: RigL(0.9, update_interval=2, drop_fraction=0.3, end_steps=10, regularization=0.01, backend=b),
 }
+# Each method on every backend that runs it (RigL's dense-gradient capture: masked only).
+CASES = [(name, b) for name in METHODS for b in BACKENDS if not (name == "rigl" and b == "sparse")]
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_exact_counts_at_every_step_and_b_equals_a(name):
+@pytest.mark.parametrize("name, backend", CASES)
+def test_exact_counts_at_every_step_and_b_equals_a(name, backend):
     model = net()
-    method = METHODS[name]().attach(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = METHODS[name](backend).attach(model)
+    optimizer = build_optimizer(lambda g: torch.optim.SGD(g, lr=0.1), model, method)
     for i in range(12):
         for layer in method.layers:
             assert int(layer.forward.sum()) == round(0.1 * layer.numel) == layer.k_forward
@@ -38,10 +40,10 @@ def test_exact_counts_at_every_step_and_b_equals_a(name):
 
 
 @pytest.mark.parametrize("opt", OPTIMIZERS)
-@pytest.mark.parametrize("name", METHODS)
-def test_inactive_weights_are_frozen_and_grown_ones_start_at_zero(name, opt):
+@pytest.mark.parametrize("name, backend", CASES)
+def test_inactive_weights_are_frozen_and_grown_ones_start_at_zero(name, backend, opt):
     model = net()
-    method = METHODS[name]()
+    method = METHODS[name](backend)
     method.attach(model)
     optimizer = build_optimizer(OPTIMIZERS[opt], model, method)
     updates = 0
@@ -56,17 +58,18 @@ def test_inactive_weights_are_frozen_and_grown_ones_start_at_zero(name, opt):
             assert bool((now[born] == 0).all()), "grown weights start at zero"
             assert not torch.equal(now[active], theta[active]), "active weights train"
             if born.any():  # fresh optimizer state for grown weights
-                for value in optimizer.state[layer.theta].values():
-                    if torch.is_tensor(value) and value.shape == now.shape:
-                        assert bool((value[born] == 0).all())
+                for key, value in optimizer.state[layer.trained].items():
+                    if torch.is_tensor(value) and value.shape == layer.trained.shape:
+                        assert bool((state_of(optimizer, layer, key)[born] == 0).all())
     assert updates == (0 if name == "static" else 5)
 
 
-def test_static_masks_never_change_and_differ_by_seed():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_static_masks_never_change_and_differ_by_seed(backend):
     model = net()
-    method = Static(0.8).attach(model)
+    method = Static(0.8, backend=backend).attach(model)
     first = [l.forward.clone() for l in method.layers]
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    optimizer = build_optimizer(lambda g: torch.optim.Adam(g, lr=0.1), model, method)
     for i in range(5):
         assert not step(model, method, optimizer, i)
     assert all(torch.equal(a, l.forward) for a, l in zip(first, method.layers))
@@ -147,10 +150,11 @@ def test_rigl_drop_fraction_decays_along_a_cosine_and_updates_end():
     assert method.update_due(100) and not method.update_due(110) and not method.update_due(95)
 
 
-def test_gmp_follows_the_cubic_schedule_and_only_prunes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gmp_follows_the_cubic_schedule_and_only_prunes(backend):
     model = net()
-    method = GMP(0.9, begin_steps=2, end_steps=8, prune_interval=2).attach(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = GMP(0.9, begin_steps=2, end_steps=8, prune_interval=2, backend=backend).attach(model)
+    optimizer = build_optimizer(lambda g: torch.optim.SGD(g, lr=0.1), model, method)
     layer = method.layers[0]
     assert bool(layer.forward.all()) and method.phase(0) == "prune"
     counts, previous = [], layer.forward.clone()

@@ -14,11 +14,11 @@ from topkast_cli.sparsity import Dense, SparsityMethod, TopKAST, default_backwar
 CONF = Path(topkast_cli.__file__).parent / "conf" / "sparsity"
 
 EXPECTED = {  # display_name, backward_is_forward, backward_rule, resume_may_change
-    "topkast": ("topkast", False, "2x density", {"refresh_interval", "exploration_steps", "regularization"}),
-    "static": ("static", True, "-", {"regularization"}),
-    "set": ("set", True, "-", {"update_interval", "end_steps", "drop_fraction", "decay", "regularization"}),
-    "rigl": ("rigl", True, "-", {"update_interval", "end_steps", "drop_fraction", "decay", "regularization"}),
-    "gmp": ("gmp", True, "-", {"prune_interval", "regularization"}),
+    "topkast": ("topkast", False, "2x density", {"refresh_interval", "exploration_steps", "regularization", "backend"}),
+    "static": ("static", True, "-", {"regularization", "backend"}),
+    "set": ("set", True, "-", {"update_interval", "end_steps", "drop_fraction", "decay", "regularization", "backend"}),
+    "rigl": ("rigl", True, "-", {"update_interval", "end_steps", "drop_fraction", "decay", "regularization", "backend"}),
+    "gmp": ("gmp", True, "-", {"prune_interval", "regularization", "backend"}),
     "dense": ("dense", True, "-", {"regularization"}),
 }
 

@@ -5,16 +5,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import OPTIMIZERS, batch, net, step
+from conftest import BACKENDS, OPTIMIZERS, batch, grad_of, net, state_of, step
 from topkast_cli.errors import UserError
 from topkast_cli.sparsity import TopKAST
 from topkast_cli.run import build_optimizer
 
 
-def test_exact_counts_every_layer():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_counts_every_layer(backend):
     model = net()
-    method = TopKAST(0.9, 0.8, refresh_interval=1).attach(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = TopKAST(0.9, 0.8, refresh_interval=1, backend=backend).attach(model)
+    opt = build_optimizer(lambda g: torch.optim.SGD(g, lr=0.1), model, method)
     for i in range(3):
         for layer in method.layers:
             assert int(layer.forward.sum()) == round(0.1 * layer.numel)
@@ -23,10 +24,11 @@ def test_exact_counts_every_layer():
         step(model, method, opt, i)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_entries_outside_b_are_frozen_also_after_a_refresh(name):
+def test_entries_outside_b_are_frozen_also_after_a_refresh(name, backend):
     model = net()
-    method = TopKAST(0.7, 0.5, refresh_interval=2, regularization=0.01).attach(model)
+    method = TopKAST(0.7, 0.5, refresh_interval=2, regularization=0.01, backend=backend).attach(model)
     optimizer = build_optimizer(OPTIMIZERS[name], model, method)
     refreshes_that_moved_b = 0
     for i in range(12):
@@ -41,32 +43,34 @@ def test_entries_outside_b_are_frozen_also_after_a_refresh(name):
     assert refreshes_that_moved_b > 0, "the test needs refreshes that change B"
 
 
-def test_optimizer_state_of_entries_leaving_b_is_zeroed():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_state_of_entries_leaving_b_is_zeroed(backend):
     model = net()
-    method = TopKAST(0.7, 0.5, refresh_interval=1).attach(model)
+    method = TopKAST(0.7, 0.5, refresh_interval=1, backend=backend).attach(model)
     optimizer = build_optimizer(lambda g: torch.optim.SGD(g, lr=0.5, momentum=0.9), model, method)
     for i in range(6):
         old = [l.backward.clone() for l in method.layers]
         step(model, method, optimizer, i)
         for layer, b in zip(method.layers, old):
             left = b & ~layer.backward
-            buf = optimizer.state[layer.theta]["momentum_buffer"]
+            buf = state_of(optimizer, layer, "momentum_buffer")
             assert torch.equal(buf[~layer.backward], torch.zeros_like(buf[~layer.backward]))
             if left.any():
                 return
     pytest.fail("no entry left B during the test")
 
 
-def test_regulariser_gradient():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regulariser_gradient(backend):
     model = net()
     lam = 0.1
-    method = TopKAST(0.9, 0.6, regularization=lam).attach(model)
+    method = TopKAST(0.9, 0.6, regularization=lam, backend=backend).attach(model)
     x, y = batch(0)
     F.cross_entropy(model(x), y).backward()
-    plain = [l.theta.grad.clone() for l in method.layers]
+    plain = [grad_of(l).clone() for l in method.layers]
     method.after_backward(0)
     for layer, g0 in zip(method.layers, plain):
-        added = layer.theta.grad - g0
+        added = grad_of(layer) - g0
         theta, a, b = layer.theta.detach(), layer.forward, layer.backward
         d = layer.k_forward / layer.numel
         torch.testing.assert_close(added[a], lam * theta[a])
@@ -76,10 +80,11 @@ def test_regulariser_gradient():
     assert math.isclose(method.regularization(), expected, rel_tol=1e-5)
 
 
-def test_refresh_interval_and_refinement_lock():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refresh_interval_and_refinement_lock(backend):
     model = net()
-    method = TopKAST(0.8, 0.6, refresh_interval=3, exploration_steps=9).attach(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    method = TopKAST(0.8, 0.6, refresh_interval=3, exploration_steps=9, backend=backend).attach(model)
+    opt = build_optimizer(lambda g: torch.optim.SGD(g, lr=0.5), model, method)
     changed_at = [i + 1 for i in range(20) if step(model, method, opt, i)]
     assert changed_at == [3, 6, 9]
     assert method.phase(12) == "refine"
@@ -92,10 +97,11 @@ def test_refresh_interval_and_refinement_lock():
         assert torch.equal(layer.forward, f) and torch.equal(layer.backward, b)
 
 
-def test_masks_follow_magnitudes_and_churn():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masks_follow_magnitudes_and_churn(backend):
     model = net()
-    method = TopKAST(0.9, 0.8, refresh_interval=1).attach(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    method = TopKAST(0.9, 0.8, refresh_interval=1, backend=backend).attach(model)
+    opt = build_optimizer(lambda g: torch.optim.SGD(g, lr=1.0), model, method)
     step(model, method, opt, 0)
     for layer in method.layers:
         mag = layer.theta.detach().abs()
@@ -103,9 +109,10 @@ def test_masks_follow_magnitudes_and_churn():
     assert method.report(1)["layers"]
 
 
-def test_reenters_with_stored_theta():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reenters_with_stored_theta(backend):
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
-    method = TopKAST(0.5, 0.5, dense_first=False).attach(model)
+    method = TopKAST(0.5, 0.5, dense_first=False, backend=backend).attach(model)
     layer = method.layers[0]
     theta = layer.theta
     with torch.no_grad():
@@ -141,14 +148,15 @@ def test_a_layer_left_empty_is_named():
         TopKAST(0.9, 0.8).attach(model)
 
 
-def test_state_dict_round_trip():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_round_trip(backend):
     model = net()
-    method = TopKAST(0.8, 0.6, refresh_interval=2, exploration_steps=4).attach(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    method = TopKAST(0.8, 0.6, refresh_interval=2, exploration_steps=4, backend=backend).attach(model)
+    opt = build_optimizer(lambda g: torch.optim.SGD(g, lr=0.5), model, method)
     for i in range(5):
         step(model, method, opt, i)
     state = method.state_dict()
-    other = TopKAST(0.8, 0.6, refresh_interval=2, exploration_steps=4).attach(net())
+    other = TopKAST(0.8, 0.6, refresh_interval=2, exploration_steps=4, backend=backend).attach(net())
     other.load_state_dict(state)
     assert other.phase(4) == method.phase(4) == "refine"
     for a, b in zip(method.layers, other.layers):

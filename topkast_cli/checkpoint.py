@@ -53,16 +53,17 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 def run_state(run) -> dict:
     """The checkpoint of a run (`run.Run`) at its current step."""
-    sparsity = run.method.state_dict()
+    sparsity = run.method.state_dict()  # first: it brings θ up to date (sparse backend)
     return {
         "format_version": FORMAT_VERSION,
         "step": run.step,
         "epoch": run.epoch,
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         "model": plain_state_dict(run.model),
+        "data": run.data.state_dict(),  # e.g. a text vocabulary: resuming checks it is the same
         "masks": sparsity.pop("masks"),
         "sparsity": sparsity,
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": run.method.optimizer_state_dict(run.optimizer),  # the same form on every backend
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "rng": rng_state(),
@@ -78,7 +79,8 @@ def run_state(run) -> dict:
 def save_run(run, name: str) -> Path:
     """Write `checkpoints/<name>` of a run; never over a good file with non-finite weights."""
     path = run.ckpt_dir / name
-    if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+    trained = [*run.model.parameters(), *run.method.sparse_parameters()]  # (sparse backend: B's values)
+    if not all(bool(torch.isfinite(p).all()) for p in trained):
         raise RunFailed(f"parameters are not finite at step {run.step}; {name} not overwritten (lower optimizer.lr?)")
     try:
         save_checkpoint(path, run_state(run))

@@ -1,4 +1,4 @@
-"""The `topkast` console script: `topkast train|eval|sweep [overrides...]`. It only dispatches
+"""The `topkast` console script: `topkast train|eval|sweep|export [overrides...]`. It only dispatches
 to the commands (`commands/`), and turns a user's mistake into one line and exit code 2."""
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ commands:
   train   train a model (default: Top-KAST 90/80 on MNIST-1D, offline, about a minute)
   eval    evaluate a checkpoint's sparse network: topkast eval ckpt=PATH
   sweep   Hydra multirun over sparsities, then a summary table and plot
+  export  write a checkpoint's trained sparse network α (plain state_dict and per-layer CSR):
+          topkast export ckpt=PATH
 
 Overrides are Hydra's: key=value, group=option, +key=value; `topkast train --help` lists
 the config groups (and the experiment presets) and the composed config. Exit codes: 0 done,
 1 run failed, 2 a mistake in the input, 130/143 interrupted (last.ckpt written)."""
 
-COMMANDS = ("train", "eval", "sweep")
+COMMANDS = ("train", "eval", "sweep", "export")
 
 
 def main(argv: list[str] | None = None) -> None:

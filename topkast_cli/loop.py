@@ -78,6 +78,10 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, params: list) -> tupl
         run.skipped_steps += 1  # a skipped step still counts: the data order stays aligned
     run.scheduler.step()
     run.step += 1
+    # The output goes back without its graph: the graph is freed here, not at the next step
+    # (less memory, and a mask update that resizes what the sparse backend trains must not
+    # meet a graph still holding the old size).
+    out = out.detach()
     return out, finite, method.after_step(run.step, optimizer)
 
 

@@ -50,11 +50,12 @@ def _leaves(node, prefix: str) -> dict:
     return {prefix: node}
 
 
-def check_fits(state: dict, cfg: DictConfig, where: str, method, model: torch.nn.Module | None = None) -> None:
+def check_fits(state: dict, cfg: DictConfig, where: str, method, model: torch.nn.Module | None = None, data=None) -> None:
     """Raise a UserError if checkpoint `state` was written for another model, dataset,
     optimizer or sparsity config than `cfg` (`method`, the one `cfg` builds, says which of
     its keys may differ), or its tensors do not fit `model` (which may live on the meta
-    device: only names and shapes are compared)."""
+    device: only names and shapes are compared), or its data state (a text vocabulary) is not
+    `data`'s."""
     saved, now = state.get("config") or {}, OmegaConf.to_container(cfg, resolve=True)
     may_change = {f"sparsity.{key}" for key in method.resume_may_change}
     for key in MUST_MATCH:
@@ -65,6 +66,8 @@ def check_fits(state: dict, cfg: DictConfig, where: str, method, model: torch.nn
                     f"{where} was written with {leaf}={a.get(leaf)}, the config has {leaf}={b.get(leaf)}; "
                     "resume with the same model, dataset, optimizer and sparsity (or start a new run)"
                 )
+    if data is not None:
+        data.check_state(state.get("data"), where)
     if model is None:
         return
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -77,10 +80,11 @@ def check_fits(state: dict, cfg: DictConfig, where: str, method, model: torch.nn
             )
 
 
-def check_resume(cfg: DictConfig, run_dir: Path, method, model: torch.nn.Module | None) -> None:
+def check_resume(cfg: DictConfig, run_dir: Path, method, model: torch.nn.Module | None, data=None) -> None:
     """What a run would resume from loads and fits `cfg`: checked before a run directory is
     touched (the tensors are memory-mapped, not read). `method` and `model` are those `cfg`
-    builds (on the meta device; model None when unknown before loading data)."""
+    builds (on the meta device; model None when unknown before loading data), and `data` the
+    data module it checked."""
     path = resume_path(cfg, run_dir)
     if path is None:
         return
@@ -91,7 +95,7 @@ def check_resume(cfg: DictConfig, run_dir: Path, method, model: torch.nn.Module 
         if cfg.resume != "auto":
             raise
         raise UserError(f"{where}: {e}") from None
-    check_fits(state, cfg, where, method, model)
+    check_fits(state, cfg, where, method, model, data)
 
 
 def check_fresh(cfg: DictConfig, run_dir: Path, what: str = "it", key: str = "hydra.run.dir") -> None:

@@ -65,11 +65,13 @@ def autocast_factory(device: torch.device, precision: str):
 
 def build_optimizer(make_optimizer, model: torch.nn.Module, method: SparsityMethod, name: str = "optimizer") -> torch.optim.Optimizer:
     """Sparse weights get no ordinary weight decay: the method's regulariser replaces it, and
-    decay would move frozen entries outside the backward set."""
-    sparse_ids = {id(p) for p in method.sparse_parameters()}
+    decay would move frozen entries outside the backward set. For a sparse layer the optimizer
+    trains what the method names (θ, or on the sparse backend B's values, θ then needing no
+    gradient), so its state exists only for what is trained."""
+    sparse = method.sparse_parameters()
+    sparse_ids = {id(p) for p in sparse}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in sparse_ids]}]
-    sparse = [p for p in params if id(p) in sparse_ids]
     if sparse:
         groups.append({"params": sparse, "weight_decay": 0.0})
     try:
@@ -79,15 +81,24 @@ def build_optimizer(make_optimizer, model: torch.nn.Module, method: SparsityMeth
 
 
 def build_model(cfg: DictConfig, data, meta: bool = False) -> torch.nn.Module:
-    """The model `cfg.model` names, sized by the dataset (`num_classes`, `input_shape`). On the
-    meta device when `meta` (then any failure but a missing meta kernel is the user's)."""
-    kwargs = {"num_classes": data.num_classes, "input_shape": tuple(data.input_shape)}
+    """The model `cfg.model` names, sized by what the dataset says it needs
+    (`data.model_kwargs`: `num_classes` and `input_shape` for classification, `vocab_size` and
+    `context` for text). On the meta device when `meta` (then any failure but a missing meta
+    kernel is the user's)."""
+    kwargs = data.model_kwargs
     with torch.device("meta") if meta else contextlib.nullcontext(), warnings.catch_warnings():
         if meta:
             warnings.simplefilter("ignore")  # e.g. "zero-element tensors": the checks say it better
         try:
             return config.instantiate(cfg.model, "model", **kwargs)
-        except (UserError, NotImplementedError):
+        except UserError as e:
+            if "unexpected keyword argument" in str(e):  # e.g. a classifier on a text dataset
+                raise UserError(
+                    f"model ({_target(cfg.model)}) does not fit {_data_name(cfg, data)}: the dataset gives "
+                    f"{', '.join(kwargs)}; {_first(e)}"
+                ) from None
+            raise
+        except NotImplementedError:
             raise
         except Exception as e:  # on meta: e.g. a negative size from an input too small for the model
             if not meta:
@@ -141,7 +152,7 @@ def build_run(cfg: DictConfig, run_dir: Path | None = None, meta: bool = False) 
     data = config.instantiate(cfg.dataset, "dataset")
     if meta:
         data.check()
-        if getattr(data, "num_classes", None) is None or getattr(data, "input_shape", None) is None:
+        if data.model_kwargs is None:
             return None
         device, total_steps = torch.device("meta"), t.max_steps or 1
     else:
@@ -158,7 +169,8 @@ def build_run(cfg: DictConfig, run_dir: Path | None = None, meta: bool = False) 
             method.plan(model)  # dense-layer patterns that match nothing, layers left with no weight
     else:
         model = model.to(device)
-        method.attach(model, total_steps=total_steps)
+        example = _example(data, device) if getattr(method, "backend", "masked") == "auto" else None
+        method.attach(model, total_steps=total_steps, example=example)
     optimizer = build_optimizer(
         config.instantiate(cfg.optimizer, "optimizer"), model, method, f"optimizer ({cfg.optimizer._target_})"
     )
@@ -190,12 +202,21 @@ def check_run(cfg: DictConfig) -> Run | None:
     return run
 
 
+def _example(data, device: torch.device) -> torch.Tensor:
+    """A training batch's input with values that any model takes (normal for float inputs, 0 for
+    token ids), drawn from its own generator: for `sparsity.backend=auto` to time layers on."""
+    x = data.example_batch(data.batch_size, device)[0]
+    if not x.is_floating_point():
+        return torch.zeros_like(x)
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)
+
+
 def _target(node) -> str:
     return str(OmegaConf.select(node, "_target_", default="?")).rsplit(".", 1)[-1]
 
 
 def _data_name(cfg: DictConfig, data) -> str:
-    return f"dataset {_target(cfg.dataset)} (samples of shape {list(data.input_shape)}, {data.num_classes} classes)"
+    return f"dataset {_target(cfg.dataset)} ({data.describe()})"
 
 
 def _first(e: BaseException) -> str:
@@ -211,11 +232,12 @@ def restore(run: Run, state: dict, where: str, training: bool = True) -> None:
     UserError naming `where`."""
     if training:
         check_fits(state, run.cfg, where, run.method)
+    run.data.check_state(state.get("data"), where)
     try:
         load_plain_state_dict(run.model, state["model"])
         run.method.load_state_dict({"masks": state["masks"], **(state.get("sparsity") or {})})
         if training:
-            run.optimizer.load_state_dict(state["optimizer"])
+            run.method.load_optimizer_state_dict(run.optimizer, state["optimizer"])
             run.scheduler.load_state_dict(state["scheduler"])
             run.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])

@@ -26,6 +26,7 @@ def summarize(run: Run, status: str, segment_wall: float, start_step: int, error
         "final": run.last_eval,
         "best": run.best,
         "density": density,
+        "backends": m.backends(),  # each sparse layer's compute backend (masked | sparse)
         "skipped_steps": run.skipped_steps,
         "seed": run.cfg.seed,
     }

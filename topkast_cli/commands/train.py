@@ -37,7 +37,7 @@ def check_job(cfg: DictConfig, run_dir: Path | None, multirun: bool = False) -> 
     what, key = ("the sweep", "hydra.sweep.dir") if multirun else ("it", "hydra.run.dir")
     check_fresh(job, run_dir, what, key)
     method = meta.method if meta is not None else config.instantiate(job.sparsity, "sparsity")
-    check_resume(job, run_dir, method, meta.model if meta is not None else None)
+    check_resume(job, run_dir, method, *((meta.model, meta.data) if meta is not None else (None, None)))
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -63,6 +63,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         m.display_name, len(m.layers), m.forward_sparsity, m.backward_sparsity,
         run.total_steps, run.total_steps / run.data.steps_per_epoch, run.device,
     )
+    if m.layers and m.backend != "masked":
+        log.info("sparsity.backend=%s: %s", m.backend, ", ".join(f"{k} {v}" for k, v in m.backends().items()))
+        for name, note in m.backend_notes.items():
+            log.info("  %s: %s", name, note)
     status, error = "failed", None
     try:
         if ckpt is None:

@@ -78,6 +78,27 @@ class DataModule:
                 what = "is not a directory" if path.exists() else "does not exist"
                 raise UserError(f"dataset.root={root} {what}; point it at the data, or set dataset.download=true")
 
+    @property
+    def model_kwargs(self) -> dict | None:
+        """What the model is sized by, passed to its constructor (None: not known before the
+        data is loaded). Classification: `num_classes` and the per-sample `input_shape`."""
+        if getattr(self, "num_classes", None) is None or getattr(self, "input_shape", None) is None:
+            return None
+        return {"num_classes": self.num_classes, "input_shape": tuple(self.input_shape)}
+
+    def describe(self) -> str:
+        """The data's shape in words, for error messages."""
+        return f"samples of shape {list(self.input_shape)}, {self.num_classes} classes"
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must agree on with the data it is loaded with (e.g. a text
+        vocabulary); empty when the config says it all."""
+        return {}
+
+    def check_state(self, state: dict | None, where: str) -> None:
+        """Raise a UserError if a checkpoint's data state (`state_dict`) differs from this
+        data's; None (older checkpoints, or not known yet) checks nothing."""
+
     def example_batch(self, n: int = 2, device: torch.device | str = "meta") -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of the shapes and dtypes the loaders yield (values undefined), for checking
         that a model fits the data before any is loaded (on the meta device)."""

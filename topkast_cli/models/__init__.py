@@ -1,6 +1,9 @@
 """Models: each config in conf/model/ names a constructor with `_target_`; the trainer passes
-`num_classes` and `input_shape` (per-sample, e.g. (3, 32, 32)) from the dataset.
+what the dataset says the model needs (`DataModule.model_kwargs`): `num_classes` and
+`input_shape` (per-sample, e.g. (3, 32, 32)) for classification, `vocab_size` and `context`
+for text.
 
 mlp.py, cnn1d.py (MNIST-1D), resnet.py (torchvision's ResNet-18/50 with a small-image
-stem), wrn.py (CIFAR wide ResNets), vgg.py (CIFAR VGG with batch norm).
+stem), wrn.py (CIFAR wide ResNets), vgg.py (CIFAR VGG with batch norm), transformer.py
+(decoder-only Transformer for next-token prediction).
 """

@@ -7,7 +7,7 @@ from .dense import Dense
 from .dynamic import DynamicSparse
 from .distribution import layer_counts
 from .gmp import GMP
-from .masking import load_plain_state_dict, masked_weight, plain_state_dict
+from .masking import computed_state_dict, load_plain_state_dict, masked_weight, plain_state_dict
 from .rigl import RigL
 from .schedule import MaskSchedule, check_steps, resolve_steps
 from .set import SET
@@ -27,6 +27,7 @@ __all__ = [
     "SparsityMethod",
     "TopKAST",
     "check_steps",
+    "computed_state_dict",
     "default_backward_sparsity",
     "layer_counts",
     "load_plain_state_dict",

@@ -18,36 +18,68 @@ import torch
 from torch import nn
 
 from ..errors import UserError, check_number
+from .backend_choice import choose_backends
 from .distribution import DISTRIBUTIONS, backward_counts, layer_counts
-from .masking import MaskedWeight, attach, dense_parameter
+from .masking import MaskedWeight, attach, dense_parameter, zero_optimizer_state
+from .sparse_linear import SparseLinearWeight, attach_sparse, can_run
 from .schedule import MaskSchedule
 from .selection import select_sparse_layers
+
+BACKENDS = ("masked", "sparse", "auto")
 
 
 class SparseLayer:
     """One sparse weight and the single owner of its masks. θ lives in `module`; α = θ ⊙ 1_A
     is what the layer computes with; gradients reach B ⊇ A.
 
-    The masks are stored once, as bool tensors, in the compute side (the `MaskedWeight`
-    parametrization of `module.weight`). `forward` / `backward` read them; `set_masks`
-    changes them (the only way to); `pass_dense_gradient` and `use_dense_weights` switch how
-    the compute side uses them. Nothing else touches the compute side.
+    The masks are stored once, as bool tensors, in the compute side: the backend, swapped per
+    layer (`masked`: the `MaskedWeight` parametrization of `module.weight`; `sparse`:
+    `SparseLinearWeight`, α compressed and only B trained). `forward` / `backward` read them;
+    `set_masks` changes them (the only way to); `pass_dense_gradient` and `use_dense_weights`
+    switch how the compute side uses them. Nothing else touches the compute side.
     """
 
-    def __init__(self, name: str, module: nn.Module, k_forward: int, k_backward: int):
+    def __init__(self, name: str, module: nn.Module, k_forward: int, k_backward: int, backend: str = "masked"):
         self.name = name  # plain parameter name, e.g. "layer1.0.conv1.weight"
         self.module = module
         self.k_forward = k_forward
         self.k_backward = k_backward
         self.churn = 0.0  # share of A that changed at the last mask update
-        self._compute: MaskedWeight = attach(module)  # masks start empty (no entry in A or B)
+        # masks start empty (no entry in A or B)
+        self._compute: MaskedWeight | SparseLinearWeight = attach_sparse(module) if backend == "sparse" else attach(module)
 
     def __repr__(self) -> str:
         return f"SparseLayer({self.name!r}, numel={self.numel}, k_forward={self.k_forward}, k_backward={self.k_backward})"
 
     @property
     def theta(self) -> nn.Parameter:
-        return dense_parameter(self.module)
+        """The dense θ, up to date (the sparse backend writes its trained values back first)."""
+        theta = dense_parameter(self.module)
+        self._compute.sync(theta)
+        return theta
+
+    @property
+    def backend(self) -> str:
+        return self._compute.backend
+
+    @property
+    def trained(self) -> nn.Parameter:
+        """The tensor the optimizer trains for this layer: θ (`masked`), or B's values (`sparse`)."""
+        return self._compute.trained(dense_parameter(self.module))
+
+    def use_backend(self, backend: str) -> None:
+        """Swap the compute side (before an optimizer is built over `trained`); masks stay."""
+        if backend == self.backend:
+            return
+        forward, backward = self.forward, self.backward
+        self._compute.detach(self.module)
+        self._compute = attach_sparse(self.module) if backend == "sparse" else attach(self.module)
+        self._compute.install(dense_parameter(self.module), forward, backward, None)
+
+    def reload(self) -> None:
+        """θ was written from outside (a checkpoint): the compute side takes it as it is; the
+        next `set_masks` gathers what it trains from it."""
+        self._compute.reload(dense_parameter(self.module))
 
     @property
     def forward(self) -> torch.Tensor:
@@ -89,15 +121,17 @@ class SparseLayer:
             # fixed, and also counts what pruning removes.
             sizes = int(old_forward.sum()) + int(forward.sum())
             self.churn = float((forward ^ old_forward).sum()) / max(1, sizes)
-        zero_optimizer_state(optimizer, self.theta, old_backward & ~backward)
         if backward is not forward and torch.equal(backward, forward):
             backward = forward  # B = A: one shared mask
-        self._compute.forward_mask, self._compute.backward_mask = forward, backward
+        # The compute side installs them: entries leaving B freeze (their optimizer state is
+        # zeroed, or dropped with them); the sparse side also re-gathers B's values.
+        self._compute.install(self.theta, forward, backward, optimizer)
 
     def pass_dense_gradient(self, dense: bool) -> None:
         """While on, the backward pass lets every entry's gradient (∂L/∂α) through instead of
-        only B's; the masks themselves do not change (RigL's dense-gradient capture)."""
-        self._compute.dense_gradient = bool(dense)
+        only B's; the masks themselves do not change (RigL's dense-gradient capture). The
+        `masked` backend only."""
+        self._compute.pass_dense_gradient(dense)
 
     def use_dense_weights(self, dense: bool) -> None:
         """Compute with the dense θ instead of α (evaluation of the dense network)."""
@@ -111,15 +145,22 @@ class SparseLayer:
             return int(torch.count_nonzero(theta))
         return int(((theta != 0) & self.forward).sum())
 
+    def regularize(self, a: float, b: float) -> None:
+        """Add a·θ on A and b·θ on B to the gradient of the trained tensor."""
+        self._compute.regularize(dense_parameter(self.module), a, b)
 
-def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, where: torch.Tensor) -> None:
-    """Zero every per-entry optimizer state (momentum, Adam moments, ...) at `where`, so
-    that a zero gradient leaves those entries exactly unchanged at the next steps."""
-    if optimizer is None or not bool(where.any()):
-        return
-    for value in optimizer.state.get(param, {}).values():
-        if torch.is_tensor(value) and value.shape == param.shape:
-            value.masked_fill_(where, 0)
+    def held(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors the compute side holds by kind (`masks`; `index`: the sparse backend's
+        CSR patterns), for memory accounting."""
+        return self._compute.held()
+
+    def dense_state(self, state: torch.Tensor) -> torch.Tensor:
+        """A per-entry tensor of `trained` (optimizer state) in θ's shape, zero outside B."""
+        return self._compute.to_dense(state)
+
+    def trained_state(self, state: torch.Tensor) -> torch.Tensor:
+        """Inverse of `dense_state` for the current masks."""
+        return self._compute.from_dense(state)
 
 
 def default_backward_sparsity(forward_sparsity: float) -> float:
@@ -149,7 +190,10 @@ class SparsityMethod:
     # B = A always (no backward set beyond the forward one). Top-KAST: False.
     backward_is_forward = True
     # Config keys (under `sparsity.`) that may differ when a run is resumed: the rest must match.
-    resume_may_change: tuple[str, ...] = ("regularization",)
+    # The backend always may: checkpoints do not depend on it.
+    resume_may_change: tuple[str, ...] = ("regularization", "backend")
+    # Needs ∂L/∂α of every weight at some steps (RigL's growth): only the masked backend has it.
+    needs_dense_gradient = False
     # When masks change (None: never). Subclasses that change masks set one in __init__.
     schedule: MaskSchedule | None = None
 
@@ -162,6 +206,7 @@ class SparsityMethod:
         dense_layers: list[str] | tuple = (),
         include_embeddings: bool = False,
         regularization: float = 0.0,
+        backend: str = "masked",
     ):
         self.forward_sparsity = _check_fraction("sparsity.forward", forward)
         self.backward_given = backward  # as configured (None: the rule)
@@ -180,6 +225,10 @@ class SparsityMethod:
         self.dense_layers = list(dense_layers or ())
         self.include_embeddings = bool(include_embeddings)
         self.regularization_scale = check_number("sparsity.regularization", regularization)
+        if backend not in BACKENDS:
+            raise UserError(f"sparsity.backend={backend!r} is not known; allowed: {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.backend_notes: dict[str, str] = {}  # layer -> why `auto` chose its backend
         self.layers: list[SparseLayer] = []
 
     # ---------------------------------------------------------- self-description
@@ -210,26 +259,41 @@ class SparsityMethod:
     def backward_density(self) -> float:
         return 1.0 - self.backward_sparsity
 
-    def attach(self, model: nn.Module, total_steps: int | None = None) -> "SparsityMethod":
+    def attach(self, model: nn.Module, total_steps: int | None = None, example: torch.Tensor | None = None) -> "SparsityMethod":
         """Choose the sparse layers of `model`, size their sets and set the first masks.
         Call after moving the model to its device and before building the optimizer.
         `total_steps` (the run's length) turns schedule points given as fractions into steps.
+        `example`, an input batch of the run's shape, is what `auto` times each layer on.
         At forward sparsity 0 every method is dense training: nothing is attached."""
         self.total_steps = total_steps
         self.resolve_schedule(total_steps)
         if self.forward_sparsity == 0.0:
             return self
-        for pname, name, module, k, k_backward in self.plan(model):
-            self.layers.append(SparseLayer(pname, module, k, k_backward))
+        timed = []
+        for pname, name, module, k, k_backward, backend in self.plan(model):
+            self.layers.append(SparseLayer(pname, module, k, k_backward, "masked" if backend == "auto" else backend))
+            if backend == "auto":
+                timed.append(self.layers[-1])
         for layer in self.layers:
             forward, backward = self.initial_masks(layer)
             layer.set_masks(forward, backward)
+        if timed:
+            self.backend_notes.update(choose_backends(model, timed, example))
         return self
 
-    def plan(self, model: nn.Module) -> list[tuple[str, str, nn.Module, int, int]]:
-        """(parameter name, module name, module, k_forward, k_backward) of each layer that
-        `attach` makes sparse, or the UserError it would raise. Reads only shapes, so a
-        model built on the meta device can be checked before any work is done."""
+    def backend_reason(self, module: nn.Module) -> str | None:
+        """Why the sparse backend cannot run `module`'s weight for this method (None: it can)."""
+        if self.needs_dense_gradient:
+            return f"sparsity={self.name} needs the dense gradient of every weight at its updates"
+        if not can_run(module):
+            return f"{type(module).__name__}: the sparse backend runs Linear layers only"
+        return None
+
+    def plan(self, model: nn.Module) -> list[tuple[str, str, nn.Module, int, int, str]]:
+        """(parameter name, module name, module, k_forward, k_backward, backend) of each layer
+        that `attach` makes sparse, or the UserError it would raise (also for a layer or method
+        `sparsity.backend=sparse` cannot run). Reads only shapes, so a model built on the meta
+        device can be checked before any work is done."""
         chosen = select_sparse_layers(model, self.dense_first, self.dense_layers, self.include_embeddings)
         names = [f"{n}.weight" if n else "weight" for n, _ in chosen]
         shapes = {pname: tuple(m.weight.shape) for pname, (_, m) in zip(names, chosen)}
@@ -243,7 +307,18 @@ class SparsityMethod:
                     f"sparsity.forward={self.forward_sparsity} leaves layer {name} ({numel} weights) with no "
                     "weight; lower the sparsity or keep the layer dense (sparsity.dense_layers)"
                 )
-            plan.append((pname, name, module, k, k_backward[pname]))
+            backend = self.backend
+            if backend != "masked":
+                reason = self.backend_reason(module)
+                if reason is not None and backend == "sparse":
+                    instead = "masked" if self.needs_dense_gradient else f"auto (keeps {name} masked) or masked"
+                    raise UserError(
+                        f"sparsity.backend=sparse cannot run layer {name}: {reason}; use sparsity.backend={instead}"
+                    )
+                if reason is not None:
+                    backend = "masked"
+                    self.backend_notes[name] = f"masked ({reason})"
+            plan.append((pname, name, module, k, k_backward[pname], backend))
         return plan
 
     def resolve_schedule(self, total_steps: int | None) -> None:
@@ -255,8 +330,44 @@ class SparsityMethod:
         raise NotImplementedError
 
     def sparse_parameters(self) -> list[nn.Parameter]:
-        """θ of every sparse layer: the trainer gives these no ordinary weight decay."""
-        return [layer.theta for layer in self.layers]
+        """The tensors the optimizer trains for the sparse layers, in layer order: θ (`masked`)
+        or B's values (`sparse`; θ then needs no gradient). The trainer gives these no
+        ordinary weight decay."""
+        return [layer.trained for layer in self.layers]
+
+    def backends(self) -> dict[str, str]:
+        """Each sparse layer's backend (masked or sparse), by parameter name."""
+        return {layer.name: layer.backend for layer in self.layers}
+
+    # --------------------------------------------------------- optimizer state
+    # A checkpoint stores each sparse layer's per-entry optimizer state in θ's shape, zero
+    # outside B, whatever the backend: the masked backend's own layout (so checkpoints written
+    # before backends existed read the same), from which the sparse backend gathers B's.
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
+        """`optimizer.state_dict()` in the form a checkpoint stores (above)."""
+        state = optimizer.state_dict()
+        self._convert(optimizer, state, lambda layer, t: layer.dense_state(t), lambda layer: layer.trained.shape)
+        return state
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load optimizer state stored by `optimizer_state_dict` (with the masks loaded first)."""
+        state = {**state, "state": dict(state["state"])}
+        self._convert(optimizer, state, lambda layer, t: layer.trained_state(t), lambda layer: layer.theta.shape)
+        optimizer.load_state_dict(state)
+
+    def _convert(self, optimizer, state: dict, convert, stored_shape) -> None:
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        for layer in self.layers:
+            if layer.backend == "masked":
+                continue  # stored as it is
+            i = index.get(id(layer.trained))
+            entry = state["state"].get(i)
+            if entry is None:
+                continue
+            shape = stored_shape(layer)
+            state["state"][i] = {
+                k: convert(layer, v) if torch.is_tensor(v) and v.dim() and v.shape == shape else v for k, v in entry.items()
+            }
 
     # ------------------------------------------------------------------ hooks
     def before_forward(self, step: int) -> None:
@@ -270,14 +381,8 @@ class SparsityMethod:
         if self.regularization_scale == 0.0:
             return
         for layer in self.layers:
-            theta = layer.theta
-            if theta.grad is None:
-                continue
             a, b = self.regularizer_weights(layer)
-            if a:
-                theta.grad.addcmul_(theta, layer.forward, value=self.regularization_scale * a)
-            if b:
-                theta.grad.addcmul_(theta, layer.backward, value=self.regularization_scale * b)
+            layer.regularize(self.regularization_scale * a, self.regularization_scale * b)
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Called after optimizer step number `step` (1-based). Returns True if masks changed."""
@@ -349,6 +454,10 @@ class SparsityMethod:
 
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
+        """The method's checkpoint state. Reading `theta` first brings each dense θ up to date
+        (the sparse backend holds the trained values apart), so save this before the model."""
+        for layer in self.layers:
+            layer.theta  # noqa: B018 (the read syncs)
         return {
             "method": self.name,
             "masks": {l.name: {"forward": l.forward.cpu(), "backward": l.backward.cpu()} for l in self.layers},
@@ -369,6 +478,7 @@ class SparsityMethod:
             m = masks[layer.name]
             device = layer.theta.device
             forward, backward = m["forward"].to(device), m["backward"].to(device)
+            layer.reload()  # θ was just loaded: set_masks gathers the trained values from it
             try:
                 layer.set_masks(forward, backward)  # B = A: one shared mask again
             except ValueError as e:

@@ -22,7 +22,7 @@ class DynamicSparse(SparsityMethod):
 
     # The schedule and the share replaced only shape the updates still to come (the masks
     # themselves are in the checkpoint): they may change on resume.
-    resume_may_change = ("update_interval", "end_steps", "drop_fraction", "decay", "regularization")
+    resume_may_change = ("update_interval", "end_steps", "drop_fraction", "decay", "regularization", "backend")
 
     def __init__(
         self,
@@ -47,11 +47,11 @@ class DynamicSparse(SparsityMethod):
         self.decay = decay
         self.generator = torch.Generator()
 
-    def attach(self, model, total_steps=None):
+    def attach(self, model, total_steps=None, example=None):
         # A private RNG for the random choices during training, seeded from the run's RNG
         # and saved in checkpoints, so a resumed run draws the same numbers.
         self.generator.manual_seed(int(torch.randint(2**62, ())))
-        return super().attach(model, total_steps)
+        return super().attach(model, total_steps, example)
 
     def phase(self, step: int) -> str:
         if not self.layers:

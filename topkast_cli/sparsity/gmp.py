@@ -25,7 +25,7 @@ class GMP(SparsityMethod):
     # pruning never regrows, so a window changed halfway through gives a mask path that is
     # neither run's (a later end cannot give back weights already pruned). The interval only
     # decides at which steps that same path is sampled.
-    resume_may_change = ("prune_interval", "regularization")
+    resume_may_change = ("prune_interval", "regularization", "backend")
 
     def __init__(
         self,

@@ -7,8 +7,10 @@ Every sparse layer (Linear, Conv, Embedding) gets a `MaskedWeight` parametrizati
 
 The masks are stored here, once, as bool tensors (one byte per weight; B = A is one shared
 tensor). Only their owner, `base.SparseLayer`, reads or changes them: everything else asks
-the layer. A sparse-kernel backend would replace this module per layer type without touching
-the methods or the trainer.
+the layer. This is the `masked` backend; `sparse_linear.SparseLinearWeight` is the `sparse`
+one. Both are compute sides with the same interface (`backend`, `trained`, `install`, `sync`,
+`reload`, `regularize`, `to_dense` / `from_dense`, `pass_dense_gradient`, `detach`), so the
+owner swaps them per layer without the methods or the trainer knowing.
 """
 
 from __future__ import annotations
@@ -45,9 +47,22 @@ def masked_weight(theta: torch.Tensor, forward_mask: torch.Tensor, backward_mask
     return _MaskedWeight.apply(theta, forward_mask, backward_mask)
 
 
+def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, where: torch.Tensor) -> None:
+    """Zero every per-entry optimizer state (momentum, Adam moments, ...) at `where`, so
+    that a zero gradient leaves those entries exactly unchanged at the next steps."""
+    if optimizer is None or not bool(where.any()):
+        return
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.masked_fill_(where, 0)
+
+
 class MaskedWeight(nn.Module):
     """Parametrization θ -> α, holding the layer's masks (bool, not state_dict buffers: the
-    checkpoint stores masks apart from the model). Read and written by `SparseLayer` only."""
+    checkpoint stores masks apart from the model). Read and written by `SparseLayer` only.
+    The optimizer trains θ itself; its gradient is dense, zero outside B."""
+
+    backend = "masked"
 
     def __init__(self, theta: torch.Tensor):
         super().__init__()
@@ -61,6 +76,49 @@ class MaskedWeight(nn.Module):
         if self.use_dense:
             return theta
         return masked_weight(theta, self.forward_mask, None if self.dense_gradient else self.backward_mask)
+
+    # The compute-side interface (see the module docstring); θ is the layer's parameter.
+    def trained(self, theta: nn.Parameter) -> nn.Parameter:
+        """The tensor the optimizer trains for this layer: θ."""
+        return theta
+
+    def install(self, theta, forward, backward, optimizer) -> None:
+        """New masks; entries leaving B lose their optimizer state, so they freeze."""
+        zero_optimizer_state(optimizer, theta, self.backward_mask & ~backward)
+        self.forward_mask, self.backward_mask = forward, backward
+
+    def sync(self, theta) -> None:
+        """θ is always current here."""
+
+    def reload(self, theta) -> None:
+        """θ was written from outside: nothing is held apart from it."""
+
+    def regularize(self, theta, a: float, b: float) -> None:
+        """Add a·θ on A and b·θ on B to θ's gradient (bool masks, no per-layer tensor)."""
+        if theta.grad is None:
+            return
+        if a:
+            theta.grad.addcmul_(theta, self.forward_mask, value=a)
+        if b:
+            theta.grad.addcmul_(theta, self.backward_mask, value=b)
+
+    def to_dense(self, state: torch.Tensor) -> torch.Tensor:
+        """A per-entry tensor of the trained tensor (optimizer state) in θ's shape: as it is."""
+        return state
+
+    def from_dense(self, state: torch.Tensor) -> torch.Tensor:
+        return state
+
+    def pass_dense_gradient(self, dense: bool) -> None:
+        self.dense_gradient = bool(dense)
+
+    def held(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this compute side holds, by kind (for memory accounting)."""
+        return {"masks": [self.forward_mask, self.backward_mask]}
+
+    def detach(self, module: nn.Module) -> None:
+        """Leave `module` with θ as its plain weight."""
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
 SPARSE_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -91,9 +149,21 @@ def plain_name(name: str) -> str:
 
 
 def plain_state_dict(model: nn.Module) -> dict:
-    """state_dict with the names of the dense model (θ under `layer.weight`), so a checkpoint
-    loads into a plain torchvision/PyTorch model too."""
+    """state_dict with the names of the dense model (θ under `layer.weight`). It loads into a
+    plain torchvision/PyTorch model, but that model then computes with θ, not α: for the
+    network a run trains use `computed_state_dict`."""
     return {plain_name(k): v for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def computed_state_dict(model: nn.Module) -> dict:
+    """`plain_state_dict` with each parametrized weight replaced by what the layer computes
+    with (α, zeros in place): the trained network, for a plain model."""
+    state = plain_state_dict(model)
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            state[f"{name}.weight" if name else "weight"] = module.weight.detach().clone()
+    return state
 
 
 def load_plain_state_dict(model: nn.Module, state: dict, strict: bool = True):

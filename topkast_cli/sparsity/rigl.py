@@ -19,6 +19,7 @@ class RigL(DynamicSparse):
     """
 
     name = "rigl"
+    needs_dense_gradient = True
 
     def __init__(self, forward=0.9, update_interval=100, drop_fraction=0.3, decay="cosine", end_steps=0.75, **kwargs):
         super().__init__(forward, update_interval, drop_fraction, decay, end_steps, **kwargs)

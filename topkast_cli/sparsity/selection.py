@@ -29,15 +29,17 @@ def select_sparse_layers(
     """Layers whose weight becomes sparse, in model order.
 
     `dense_first` keeps the first candidate layer (in registration order) dense, as RigL's
-    uniform setting does. `dense_layers` are fnmatch patterns on module names (`fc`,
-    `layer4.*`); a pattern that matches no candidate layer is an error, since it is almost
-    certainly a typo.
+    uniform setting does; a model whose input layer is not that (a Transformer's token
+    embedding) names it in `input_layer`, and that one is kept instead (if it is a candidate).
+    `dense_layers` are fnmatch patterns on module names (`fc`, `layer4.*`); a pattern that
+    matches no candidate layer is an error, since it is almost certainly a typo.
     """
     layers = candidate_layers(model, include_embeddings)
     if not layers:
         raise UserError("the model has no Conv/Linear layer to make sparse; use sparsity=dense")
     names = [n for n, _ in layers]
-    keep_dense = {names[0]} if dense_first else set()
+    first = getattr(model, "input_layer", None) or names[0]
+    keep_dense = {first} if dense_first else set()
     for pattern in dense_layers:
         hits = fnmatch.filter(names, pattern)
         if not hits:

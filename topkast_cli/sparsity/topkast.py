@@ -26,7 +26,7 @@ class TopKAST(SparsityMethod):
     backward_is_forward = False
     # The refresh period and the exploration length only decide when masks are next
     # recomputed from |θ|, and the lock is kept in the checkpoint: both may change on resume.
-    resume_may_change = ("refresh_interval", "exploration_steps", "regularization")
+    resume_may_change = ("refresh_interval", "exploration_steps", "regularization", "backend")
 
     def __init__(
         self,

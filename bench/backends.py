@@ -1,0 +1,182 @@
+"""The compute backends side by side: Top-KAST on `masked`, `sparse` and `auto` against dense,
+at 80/60, 90/80 and 95/90, each figure a ratio to dense measured in the same process.
+
+Per model and sparsity the dense run and the three backends are built by the trainer and
+stepped by its `train_step` in interleaved rounds (load on the machine falls on all alike):
+- step: the whole training step, forward, backward, the optimizer and the refresh amortised
+  over the default interval (a step between refreshes + one refresh / 25, both measured);
+- refresh: one mask refresh of every layer (top-k, new masks, re-packing), in dense steps;
+- inference: a forward pass without gradient of the trained network (what `topkast export`
+  writes) on the same batch;
+- peak memory: each setting in a fresh process (`bench.memory`), over a few steps with a
+  refresh among them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from topkast_cli.errors import UserError
+
+from .common import header, write
+from .speed import _sync, make_run, time_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+HAS_TRANSFORMER = (ROOT / "topkast_cli" / "conf" / "model" / "transformer.yaml").exists() and TEXT.exists()
+
+# name: (overrides, rounds x steps per round, quick overrides, Top-KAST overrides)
+MODELS = {
+    "MLP 1024-4096-4096-10, synthetic (batch 256), every layer sparse": (
+        ["model=mlp", "model.hidden=[4096,4096]", "dataset=synthetic", "dataset.input_shape=[1024]",
+         "dataset.batch_size=256", "dataset.train_size=2048"],
+        (3, 4),
+        ["model.hidden=[64,64]", "dataset.input_shape=[32]", "dataset.batch_size=16", "dataset.train_size=128"],
+        ["sparsity.dense_first=false"],
+    ),
+    "cnn1d, MNIST-1D (batch 100), the default CNN": (["model=cnn1d", "dataset=mnist1d"], (8, 25), ["dataset.num_samples=1000"], []),
+}
+if HAS_TRANSFORMER:
+    MODELS["transformer (4 layers, width 128), Tiny Shakespeare (batch 16 x 128 characters)"] = (
+        ["model=transformer", "dataset=textfile", f"dataset.path={TEXT}"],
+        (5, 10),
+        ["model.layers=1", "model.width=32", "dataset.context=32"],
+        [],
+    )
+SPARSITIES = {"80/60": (0.8, 0.6), "90/80": (0.9, 0.8), "95/90": (0.95, 0.9)}
+BACKENDS = ("masked", "sparse", "auto")
+REFRESH_EVERY = 25  # Top-KAST's default refresh interval
+NEVER = 1000000000  # the timed runs never refresh on their own: refreshes are timed apart
+
+
+def settings(forward: float, backward: float, extra: list[str], refresh: int = NEVER) -> dict[str, list[str]]:
+    topkast = ["sparsity=topkast", f"sparsity.forward={forward}", f"sparsity.backward={backward}",
+               "sparsity.exploration_steps=null", f"sparsity.refresh_interval={refresh}", *extra]
+    return {"dense": ["sparsity=dense"], **{b: [*topkast, f"sparsity.backend={b}"] for b in BACKENDS}}
+
+
+def refresh_seconds(run, n: int) -> float:
+    method = run.method
+    _sync(run)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        method.after_step(method.schedule.every, run.optimizer)
+    _sync(run)
+    return (time.perf_counter() - t0) / n
+
+
+def inference_seconds(run, x: torch.Tensor, n: int) -> float:
+    run.model.eval()
+    with torch.no_grad():
+        run.model(x)
+        _sync(run)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run.model(x)
+        _sync(run)
+    run.model.train()
+    return (time.perf_counter() - t0) / n
+
+
+def peak_memory(overrides: list[str], steps: int) -> dict | None:
+    """bench.memory's figures for one setting, in a fresh process (None: the run is refused)."""
+    cmd = [sys.executable, "-m", "bench.memory", "--one", json.dumps(overrides), "--steps", str(steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        if "UserError" in done.stderr:
+            return None
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(overrides: list[str], extra: list[str], forward: float, backward: float, rounds: int, steps: int, quick: bool) -> dict:
+    """Seconds per step, per refresh and per inference pass, and the backends chosen, for
+    dense and each backend at one sparsity."""
+    found, refused = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for i, (name, o) in enumerate(settings(forward, backward, extra).items()):
+            try:
+                runs[name] = make_run([*overrides, *o], Path(tmp) / str(i))
+            except UserError as e:
+                refused[name] = str(e)
+        for run, batches, params in runs.values():
+            time_steps(run, batches, params, 1 if quick else 2)
+        times = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, (run, batches, params) in runs.items():
+                times[name].append(time_steps(run, batches, params, steps))
+        for name, (run, batches, params) in runs.items():
+            between = statistics.median(times[name])
+            refresh = refresh_seconds(run, 1 if quick else 2) if name != "dense" else 0.0
+            found[name] = {
+                "step": between + refresh / REFRESH_EVERY,
+                "refresh": refresh,
+                "inference": inference_seconds(run, batches[0][0], 2 if quick else 5),
+                "backends": sorted(set(run.method.backends().values())),
+                "notes": run.method.backend_notes,
+            }
+    return {"found": found, "refused": refused}
+
+
+def _ratio(value, dense) -> str:
+    return "-" if value is None or not dense else f"{value / dense:.2f}"
+
+
+def main(out: Path, quick: bool = False) -> Path:
+    lines = [header("Backends: Top-KAST on masked, sparse and auto, relative to dense")]
+    lines.append(__doc__.split("\n\n", 1)[1].strip() + "\n")
+    if not HAS_TRANSFORMER:
+        lines.append("The transformer is not included: this checkout has no `model=transformer` "
+                     "or no Tiny Shakespeare text next to it.\n")
+    sparsities = {"90/80": SPARSITIES["90/80"]} if quick else SPARSITIES
+    for model, (overrides, (rounds, steps), small, extra) in MODELS.items():
+        overrides = [*overrides, *small] if quick else overrides
+        rounds, steps = (1, 2) if quick else (rounds, steps)
+        lines.append(f"\n## {model}\n\n{rounds} rounds x {steps} steps per setting.\n")
+        lines.append("| sparsity | backend | step | refresh (dense steps) | inference | peak memory | layers on |")
+        lines.append("|---|---|---|---|---|---|---|")
+        notes = {}
+        for label, (forward, backward) in sparsities.items():
+            print(f"backends: {model}, {label}", flush=True)
+            r = measure(overrides, extra, forward, backward, rounds, steps, quick)
+            memory = {} if quick else {
+                name: peak_memory([*overrides, *o], 4)  # a refresh among the 4 steps
+                for name, o in settings(forward, backward, extra, refresh=2).items()
+            }
+            dense = r["found"]["dense"]
+            dense_peak = (memory.get("dense") or {}).get("peak")
+            lines.append(f"| {label} | dense | 1.00 ({dense['step'] * 1e3:.1f} ms) | - | 1.00 ({dense['inference'] * 1e3:.1f} ms) "
+                         f"| {'1.00' if dense_peak else '-'} | - |")
+            for name in BACKENDS:
+                if name in r["refused"]:
+                    lines.append(f"| {label} | {name} | refused: {r['refused'][name]} | | | | |")
+                    continue
+                f = r["found"][name]
+                peak = (memory.get(name) or {}).get("peak")
+                lines.append(
+                    f"| {label} | {name} | {_ratio(f['step'], dense['step'])} | {_ratio(f['refresh'], dense['step'])} "
+                    f"| {_ratio(f['inference'], dense['inference'])} | {_ratio(peak, dense_peak)} | {', '.join(f['backends'])} |"
+                )
+                if name == "auto" and f["notes"]:
+                    notes[label] = f["notes"]
+            if memory:
+                lines.append("")
+                lines.append(f"Where the bytes go at {label} (MiB; `bench.memory`):\n")
+                lines.append("| setting | " + " | ".join(next(iter(v for v in memory.values() if v))) + " |")
+                lines.append("|---" * (1 + len(next(iter(v for v in memory.values() if v)))) + "|")
+                for name, m in memory.items():
+                    if m:
+                        lines.append(f"| {name} | " + " | ".join(f"{v / 2**20:.1f}" for v in m.values()) + " |")
+                lines.append("")
+        for label, by_layer in notes.items():
+            lines.append(f"\n`auto` at {label}: " + "; ".join(f"{k}: {v}" for k, v in by_layer.items()))
+    return write(out, "backends.md", "\n".join(lines) + "\n")
