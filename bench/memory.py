@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from .common import header, write
-from .speed import MODELS, TOPKAST, make_run, time_steps
+from topkast_cli.loop import train_step
+
+from .speed import MODELS, TOPKAST, make_run
 
 SETTINGS = {
     "dense": ["sparsity=dense"],
@@ -21,7 +23,7 @@ SETTINGS = {
 }
 
 
-COLUMNS = ("peak", "parameters", "trained values", "gradients", "optimizer", "masks", "index")
+COLUMNS = ("peak", "step peak", "refresh peak", "parameters", "trained values", "gradients", "optimizer", "masks", "index")
 
 
 def _status(key: str) -> int:
@@ -39,17 +41,37 @@ def _bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _reset_peak() -> bool:
+    """Start a new peak: writing 5 to clear_refs resets VmHWM (Linux; False where it cannot)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def one(overrides: list[str], steps: int) -> dict:
-    """Memory of one run over a few training steps, in bytes."""
+    """Memory of one run over a few training steps, in bytes: the peak, and the peaks of a step
+    without and of a step with a mask refresh, each over the process before the run was built."""
     before = _status("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         run, batches, params = make_run(overrides, Path(tmp))
-        time_steps(run, batches, params, steps)
         # VmHWM: this process's peak resident memory (reset by exec, unlike ru_maxrss).
         peak = _status("VmHWM") - before
+        phases = {"step peak": 0, "refresh peak": 0}
+        for i in range(steps):
+            resettable = _reset_peak()
+            x, y = batches[i % len(batches)]
+            changed = train_step(run, x, y, params)[2]
+            hwm = _status("VmHWM") - before
+            peak = max(peak, hwm)
+            if resettable:
+                key = "refresh peak" if changed else "step peak"
+                phases[key] = max(phases[key], hwm)
         if run.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated()
-        return accounting(run, peak)
+        return {**accounting(run, peak), **phases}
 
 
 def accounting(run, peak: int) -> dict:
@@ -80,7 +102,9 @@ def main(out: Path, quick: bool = False) -> Path:
     lines.append(
         f"Each run in a fresh process, {steps} training steps (Top-KAST with a refresh among them). "
         "`peak` is the growth of peak resident memory over the process before the run was built "
-        "(CUDA: the allocator's peak); the other columns count tensor bytes: parameters, gradients, "
+        "(CUDA: the allocator's peak); `step peak` / `refresh peak` the same over a step without / "
+        "with a mask refresh (the peak is reset before each step; 0: no such step, or no reset); "
+        "the other columns count tensor bytes: parameters, gradients, "
         "optimizer state (Adam), and the method's masks (bool, stored once per layer; B = A shares one); "
         "`trained values` and `index` are the sparse backend's B values and CSR patterns (see backends.md).\n"
     )

@@ -119,8 +119,9 @@ class SparseLayer:
         if old_forward.any():
             # |A_new Δ A_old| / (|A_old| + |A_new|): the share of A replaced when its size is
             # fixed, and also counts what pruning removes.
-            sizes = int(old_forward.sum()) + int(forward.sum())
-            self.churn = float((forward ^ old_forward).sum()) / max(1, sizes)
+            # (count_nonzero: a bool `.sum()` first casts the whole mask to int64)
+            sizes = int(torch.count_nonzero(old_forward)) + int(torch.count_nonzero(forward))
+            self.churn = float(torch.count_nonzero(forward ^ old_forward)) / max(1, sizes)
         if backward is not forward and torch.equal(backward, forward):
             backward = forward  # B = A: one shared mask
         # The compute side installs them: entries leaving B freeze (their optimizer state is
@@ -436,7 +437,7 @@ class SparsityMethod:
         """The sparsity record (one line of sparsity.jsonl), measured from the masks."""
         layers, n, nf, nb = {}, 0, 0, 0
         for layer in self.layers:
-            f, b = int(layer.forward.sum()), int(layer.backward.sum())
+            f, b = int(torch.count_nonzero(layer.forward)), int(torch.count_nonzero(layer.backward))
             layers[layer.name] = {
                 "numel": layer.numel,
                 "forward_density": f / layer.numel,

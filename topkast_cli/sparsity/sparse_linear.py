@@ -35,7 +35,9 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 @dataclass(frozen=True)
 class Pattern:
-    """The index structures of one set of masks (int64, built at each mask update)."""
+    """The index structures of one set of masks, built at each mask update. int32 where the
+    layer allows (half the bytes of int64, and MKL's sparse kernels take int32 as they are:
+    with int64 torch converts the indices at every call and `sampled_addmm` runs 2x slower)."""
 
     shape: tuple  # (out, in)
     k: int  # |A|
@@ -48,29 +50,49 @@ class Pattern:
     c_col: torch.Tensor
 
 
-def _csr_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def index_dtype(shape: tuple) -> torch.dtype:
+    """int32 when every index and count of a layer of `shape` fits in it."""
+    return torch.int32 if shape[0] * shape[1] < 2**31 else torch.int64
+
+
+def _csr_index(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(crow, col, row) of a 2-D bool mask's True entries in row-major order."""
     rows, cols = mask.shape
     flat = mask.reshape(-1).nonzero().squeeze(1)
-    crow = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
-    torch.cumsum(mask.sum(1), 0, out=crow[1:])
-    return crow, flat % cols, flat // cols
+    row = flat // cols
+    # Row counts from the row indices: `mask.sum(1)` would cast the whole mask to int64.
+    crow = torch.zeros(rows + 1, dtype=dtype, device=mask.device)
+    torch.cumsum(torch.bincount(row, minlength=rows), 0, out=crow[1:])
+    return crow, (flat % cols).to(dtype), row.to(dtype)
 
 
 def build_pattern(forward: torch.Tensor, backward: torch.Tensor) -> Pattern:
     out, inp = forward.shape
-    a_crow, a_col, a_row = _csr_index(forward)
-    # A^T's row-major order is A's entries sorted by (column, row).
-    at_pos = torch.argsort(a_col * out + a_row)
+    dtype = index_dtype(forward.shape)
+    a_crow, a_col, a_row = _csr_index(forward, dtype)
+    # A^T's row-major order is A's entries sorted by (column, row): the keys are unique.
+    at_pos = torch.argsort(a_col.to(torch.int64) * out + a_row).to(dtype)
     at_col = a_row[at_pos]
-    at_crow = torch.zeros(inp + 1, dtype=torch.int64, device=forward.device)
-    torch.cumsum(forward.sum(0), 0, out=at_crow[1:])
     del a_row
+    at_crow = torch.zeros(inp + 1, dtype=dtype, device=forward.device)
+    torch.cumsum(torch.bincount(a_col, minlength=inp), 0, out=at_crow[1:])
     if backward is forward:
-        c_crow, c_col = torch.zeros(out + 1, dtype=torch.int64, device=forward.device), a_col[:0]
+        c_crow, c_col = torch.zeros(out + 1, dtype=dtype, device=forward.device), a_col[:0]
     else:
-        c_crow, c_col, _ = _csr_index(backward & ~forward)
+        c_crow, c_col, _ = _csr_index(backward & ~forward, dtype)
     return Pattern((out, inp), int(a_col.numel()), a_crow, a_col, at_crow, at_col, at_pos, c_crow, c_col)
+
+
+def positions(p: Pattern) -> torch.Tensor:
+    """Flat positions in θ of B's values, in their order (A's, then B \\ A's): int64, built
+    when needed (a refresh, a sync) rather than held."""
+
+    def flat(crow, col):
+        counts = (crow[1:] - crow[:-1]).to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(p.shape[0], device=col.device), counts)
+        return rows * p.shape[1] + col
+
+    return torch.cat([flat(p.a_crow, p.a_col), flat(p.c_crow, p.c_col)])
 
 
 def _csr(crow, col, values, shape) -> torch.Tensor:
@@ -78,7 +100,9 @@ def _csr(crow, col, values, shape) -> torch.Tensor:
 
 
 def _sampled(crow, col, gy_t, x, shape) -> torch.Tensor:
-    """(gy^T x) at the pattern's entries, in its order: O(batch x entries)."""
+    """(gy^T x) at the pattern's entries, in its order: O(batch x entries). `gy_t` is
+    contiguous (a transposed view makes the kernel 2x slower). The input's values must be
+    zeros: on the CPU beta=0 still multiplies them (0 * NaN from `empty` is NaN)."""
     empty = _csr(crow, col, x.new_zeros(col.numel()), shape)
     return torch.sparse.sampled_addmm(empty, gy_t, x, beta=0.0).values()
 
@@ -102,7 +126,7 @@ class _SparseLinear(torch.autograd.Function):
             alpha_t = _csr(p.at_crow, p.at_col, values[: p.k].index_select(0, p.at_pos), p.shape[::-1])
             grad_x = torch.sparse.mm(alpha_t, gy.t()).t()
         if ctx.needs_input_grad[1]:
-            gy_t = gy.t()
+            gy_t = gy.t().contiguous()
             parts = [_sampled(p.a_crow, p.a_col, gy_t, x, p.shape)]
             if p.c_col.numel():
                 parts.append(_sampled(p.c_crow, p.c_col, gy_t, x, p.shape))
@@ -165,18 +189,10 @@ class SparseLinearWeight(nn.Module):
         """The tensor the optimizer trains for this layer: B's values."""
         return self.values
 
-    def _extra(self, mask_f: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor | None:
-        return None if mask_b is mask_f else mask_b & ~mask_f
-
-    def _gather(self, dense: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
-        extra = self._extra(forward, backward)
-        return dense[forward] if extra is None else torch.cat([dense[forward], dense[extra]])
-
     def _scatter(self, into: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        k, extra = self.pattern.k, self._extra(self.forward_mask, self.backward_mask)
-        into.masked_scatter_(self.forward_mask, values[:k])
-        if extra is not None:
-            into.masked_scatter_(extra, values[k:])
+        """`into` (θ's shape) with B's entries set to `values`; index ops: masked_scatter_ is
+        serial on the CPU."""
+        into.view(-1).index_copy_(0, positions(self.pattern), values)
         return into
 
     @torch.no_grad()
@@ -196,18 +212,20 @@ class SparseLinearWeight(nn.Module):
         """New masks: θ gets the trained values, the new B is gathered from θ, the optimizer
         state of entries staying in B moves with them and entries new to B start at zero."""
         self.sync(theta)
+        pattern = build_pattern(forward, backward)
+        where = positions(pattern)
         state = optimizer.state.get(self.values) if optimizer is not None else None
         if state:
             for key, value in list(state.items()):
                 if torch.is_tensor(value) and value.shape == self.values.shape and value.dim():
                     dense = self.to_dense(value)
                     state[key] = None  # let the old one go before the new one is made
-                    state[key] = self._gather(dense, forward, backward)
+                    state[key] = dense.view(-1).index_select(0, where)
                     del dense
         self.values.grad = None  # this step's gradient is spent, and has the old size
-        self.values.data = self._gather(theta.detach(), forward, backward)
+        self.values.data = theta.detach().reshape(-1).index_select(0, where)
         self.forward_mask, self.backward_mask = forward, backward
-        self.pattern = build_pattern(forward, backward)
+        self.pattern = pattern
         self._synced = self.values._version
 
     @torch.no_grad()
@@ -226,7 +244,7 @@ class SparseLinearWeight(nn.Module):
         return self._scatter(state.new_zeros(self.forward_mask.shape), state)
 
     def from_dense(self, state: torch.Tensor) -> torch.Tensor:
-        return self._gather(state.to(self.values.device), self.forward_mask, self.backward_mask)
+        return state.to(self.values.device).reshape(-1).index_select(0, positions(self.pattern))
 
     def pass_dense_gradient(self, dense: bool) -> None:
         if dense:
