@@ -2,12 +2,12 @@
 `attach`es it to a model, calls its hooks and asks it about itself (see `base.SparsityMethod`).
 Each sparse layer's masks have one owner, `SparseLayer`; `MaskSchedule` says when they change."""
 
-from .base import SparseLayer, SparsityMethod, default_backward_sparsity, zero_optimizer_state
+from .base import SparseLayer, SparsityMethod, default_backward_sparsity
 from .dense import Dense
 from .dynamic import DynamicSparse
 from .distribution import layer_counts
 from .gmp import GMP
-from .masking import computed_state_dict, load_plain_state_dict, masked_weight, plain_state_dict
+from .masking import computed_state_dict, load_plain_state_dict, masked_weight, plain_state_dict, zero_optimizer_state
 from .rigl import RigL
 from .schedule import MaskSchedule, check_steps, resolve_steps
 from .set import SET

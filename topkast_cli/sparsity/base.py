@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import UserError, check_number
 from .backend_choice import choose_backends
 from .distribution import DISTRIBUTIONS, backward_counts, layer_counts
-from .masking import MaskedWeight, attach, dense_parameter, zero_optimizer_state
+from .masking import MaskedWeight, attach, dense_parameter
 from .sparse_linear import SparseLinearWeight, attach_sparse, can_run
 from .schedule import MaskSchedule
 from .selection import select_sparse_layers
@@ -115,7 +115,7 @@ class SparseLayer:
             if mask.dtype != torch.bool or mask.shape != shape:
                 raise ValueError(f"{self.name}: masks must be bool tensors of shape {tuple(shape)}, "
                                  f"got {mask.dtype} {tuple(mask.shape)}")
-        old_forward, old_backward = self.forward, self.backward
+        old_forward = self.forward
         if old_forward.any():
             # |A_new Δ A_old| / (|A_old| + |A_new|): the share of A replaced when its size is
             # fixed, and also counts what pruning removes.

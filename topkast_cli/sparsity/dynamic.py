@@ -9,7 +9,8 @@ import math
 import torch
 
 from ..errors import UserError, check_number
-from .base import SparseLayer, SparsityMethod, zero_optimizer_state
+from .base import SparseLayer, SparsityMethod
+from .masking import zero_optimizer_state
 from .schedule import MaskSchedule
 from .static import random_mask
 from .topk import topk_mask
