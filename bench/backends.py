@@ -27,7 +27,7 @@ import torch
 from topkast_cli.errors import UserError
 
 from .common import header, write
-from .speed import _sync, make_run, time_steps
+from .speed import _sync, make_run, refresh_time, time_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -61,16 +61,6 @@ def settings(forward: float, backward: float, extra: list[str], refresh: int = N
     topkast = ["sparsity=topkast", f"sparsity.forward={forward}", f"sparsity.backward={backward}",
                "sparsity.exploration_steps=null", f"sparsity.refresh_interval={refresh}", *extra]
     return {"dense": ["sparsity=dense"], **{b: [*topkast, f"sparsity.backend={b}"] for b in BACKENDS}}
-
-
-def refresh_seconds(run, n: int) -> float:
-    method = run.method
-    _sync(run)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        method.after_step(method.schedule.every, run.optimizer)
-    _sync(run)
-    return (time.perf_counter() - t0) / n
 
 
 def inference_seconds(run, x: torch.Tensor, n: int) -> float:
@@ -116,7 +106,7 @@ def measure(overrides: list[str], extra: list[str], forward: float, backward: fl
                 times[name].append(time_steps(run, batches, params, steps))
         for name, (run, batches, params) in runs.items():
             between = statistics.median(times[name])
-            refresh = refresh_seconds(run, 1 if quick else 2) if name != "dense" else 0.0
+            refresh = refresh_time(run, 1 if quick else 2) if name != "dense" else 0.0
             found[name] = {
                 "step": between + refresh / REFRESH_EVERY,
                 "refresh": refresh,
