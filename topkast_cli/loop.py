@@ -106,7 +106,7 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
                 logs.log_sparsity(report)
                 postfix["density"] = f"{report['forward_density']:.3f}"
             if finite:
-                running = accumulate(running, task.batch_sums(out.detach(), y))
+                running = accumulate(running, task.batch_sums(out, y))  # (out comes detached)
             seen += y.shape[0]
 
             last = run.step >= run.total_steps
