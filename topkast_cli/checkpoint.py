@@ -77,11 +77,16 @@ def run_state(run) -> dict:
 
 
 def save_run(run, name: str) -> Path:
-    """Write `checkpoints/<name>` of a run; never over a good file with non-finite weights."""
+    """Write `checkpoints/<name>` of a run; never over a good file with non-finite weights.
+    With several ranks, rank 0 writes (the others hold the same state) and every rank checks."""
     path = run.ckpt_dir / name
     trained = [*run.model.parameters(), *run.method.sparse_parameters()]  # (sparse backend: B's values)
     if not all(bool(torch.isfinite(p).all()) for p in trained):
         raise RunFailed(f"parameters are not finite at step {run.step}; {name} not overwritten (lower optimizer.lr?)")
+    if not run.world.main:
+        if name == "last.ckpt":
+            run.saved_step = run.step
+        return path
     try:
         save_checkpoint(path, run_state(run))
     except OSError as e:

@@ -189,6 +189,8 @@ def _validate(cfg: DictConfig) -> None:
     _check("trainer.eval_every", t.eval_every, int, lo=1, none_ok=True)
     _check("trainer.log_every", t.log_every, int, lo=1)
     _check("trainer.threads", t.get("threads"), int, lo=1, none_ok=True)
+    _check("trainer.devices", t.get("devices", 1), int, lo=1)
+    _check("trainer.timeout_min", t.get("timeout_min", 30), float, lo=0, lo_open=True)
     _check("trainer.checkpoint_every", t.checkpoint_every, int, lo=1, none_ok=True)
     _check("trainer.grad_clip", t.grad_clip, float, lo=0, lo_open=True, none_ok=True)
     _check("trainer.label_smoothing", t.label_smoothing, float, lo=0, hi=0.99)
@@ -196,9 +198,9 @@ def _validate(cfg: DictConfig) -> None:
         raise UserError(f"trainer.precision={t.precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
     if not isinstance(t.device, str) or not (t.device in ("auto", "cpu") or t.device.split(":")[0] in ("cuda", "mps")):
         raise UserError(f"trainer.device={t.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
-    for key in ("deterministic", "progress", "tensorboard", "skip_nonfinite"):
-        if not isinstance(t[key], bool):
-            raise UserError(f"trainer.{key}={t[key]!r} must be true or false")
+    for key in ("deterministic", "progress", "tensorboard", "skip_nonfinite", "channels_last", "compile"):
+        if not isinstance(t.get(key, False), bool):
+            raise UserError(f"trainer.{key}={t.get(key)!r} must be true or false")
     if cfg.resume is not None and not isinstance(cfg.resume, str):
         raise UserError(f"resume={cfg.resume!r} must be a checkpoint path or auto")
 

@@ -113,9 +113,9 @@ def _job_dir(cfg: DictConfig) -> Path | None:
 JobCheck = Callable[[DictConfig, "Path | None"], None]
 
 
-def preflight(config_name: str, args: list[str], check: JobCheck) -> list[str]:
+def preflight(config_name: str, args: list[str], check: JobCheck, checked: list | None = None) -> list[str]:
     """Check every job the arguments describe; return the arguments to give Hydra (with the
-    resume overrides added)."""
+    resume overrides added). The composed configs are appended to `checked` when given."""
     ns = hydra_args(args)
     if only_prints(ns):
         return args
@@ -131,7 +131,22 @@ def preflight(config_name: str, args: list[str], check: JobCheck) -> list[str]:
             writable(Path(cfg.hydra.run.dir), "hydra.run.dir")
             out = Path(cfg.hydra.run.dir)
         check(cfg, out)
+        if checked is not None:
+            checked.append(cfg)
     return args
+
+
+def rank_overrides(rank: int) -> list[str]:
+    """What Hydra is given on every rank but 0, which writes nothing to the run directory (no
+    .hydra/, no log file) and shows only warnings and errors, marked with its rank."""
+    if rank == 0:
+        return []
+    return [
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
+        "hydra.job_logging.root.level=WARNING",
+        f"hydra.job_logging.formatters.simple.format='[rank {rank}][%(levelname)s] %(message)s'",
+    ]
 
 
 def launch(config_name: str, task: Callable[[DictConfig], object], argv0: str, args: list[str]) -> None:
@@ -156,9 +171,13 @@ def run_job(command: str, work: Callable[[DictConfig], object], cfg: DictConfig)
         if in_multirun():
             return None
         fail(command, str(e), e.exit_code)
-    except Exception:
+    except Exception as e:
         if in_multirun():
             log.exception("job failed")
             return None
+        if int(os.environ.get("RANK", "0")):  # usually a consequence of rank 0's end: one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.error("stopped: %s", first[:300])
+            raise SystemExit(1) from None
         raise
 

@@ -9,6 +9,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import save_run
 from .errors import RunFailed
 from .run import Run
@@ -20,7 +21,10 @@ log = logging.getLogger("topkast")
 
 
 def run_eval(run: Run, logs: RunLogs) -> dict:
-    metrics = evaluate(run.model, run.data.eval_loader("val"), run.task, run.device, run.autocast)
+    """Evaluate on the held-out split (each rank its share, the sums added), log, and keep
+    best.ckpt."""
+    reduce = lambda sums: distributed.sum_metrics(sums, run.world)  # noqa: E731
+    metrics = evaluate(run.model, run.data.eval_loader("val"), run.task, run.device, run.autocast, reduce=reduce)
     logs.log_metrics(run.step, "val", metrics)
     run.last_eval = {"step": run.step, **metrics}
     key = run.task.metric
@@ -53,17 +57,20 @@ def grads_finite(params) -> bool:
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, params: list) -> tuple[torch.Tensor, bool, bool]:
     """One optimizer step with the method's hooks in their order. Returns (model output,
     whether the step was finite, whether the masks changed after it)."""
-    t, model, method, optimizer = run.cfg.trainer, run.model, run.method, run.optimizer
+    t, method, optimizer = run.cfg.trainer, run.method, run.optimizer
     method.before_forward(run.step)
     with run.autocast() if run.autocast else torch.enable_grad():
-        out = model(x)
+        out = run.step_model(x)
         loss = run.task.loss(out, y)
-    finite = bool(torch.isfinite(loss))
+    # Every rank takes the same branch (DDP's backward is collective): a loss that is not
+    # finite on one rank's share is not finite for the global batch.
+    finite = distributed.all_true(bool(torch.isfinite(loss)), run.world)
     if not finite and not t.skip_nonfinite:
         raise RunFailed(diverged(run, f"the loss is {loss.item()}"))
     if finite:
         optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
+        distributed.average_gradients(run.unsynced, run.world)
         run.scaler.unscale_(optimizer)
         method.after_backward(run.step)
         if t.grad_clip:
@@ -87,31 +94,38 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, params: list) -> tupl
 
 def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
     """The training loop. Returns "completed" or "interrupted"."""
-    cfg, t = run.cfg, run.cfg.trainer
+    cfg, t, world = run.cfg, run.cfg.trainer, run.world
     model, method, optimizer, task = run.model, run.method, run.optimizer, run.task
     params = [p for g in optimizer.param_groups for p in g["params"]]
     spe = run.data.steps_per_epoch
     running, seen, tick = None, 0, time.perf_counter()
     postfix = {"density": f"{method.report(run.step)['forward_density']:.3f}"}
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not t.progress, dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step",
+               disable=not (t.progress and world.main), dynamic_ncols=True)
     model.train()
     while run.step < run.total_steps:
         epoch, offset = divmod(run.step, spe)
         for x, y in _batches(run.data.train_loader(epoch, cfg.seed, offset), stop):
             x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+            if run.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             out, finite, changed = train_step(run, x, y, params)
+            if world.active:  # every rank stops after the same step
+                stop.agree(lambda flags: distributed.all_max(flags, world))
             bar.update(1)
             if changed:
+                distributed.check_same(method.mask_digests(), world, run.step)
                 report = method.report(run.step)
                 logs.log_sparsity(report)
                 postfix["density"] = f"{report['forward_density']:.3f}"
             if finite:
                 running = accumulate(running, task.batch_sums(out, y))  # (out comes detached)
-            seen += y.shape[0]
+            seen += y.shape[0] * world.size
 
             last = run.step >= run.total_steps
             if run.step % t.log_every == 0 or last:
                 now = time.perf_counter()
+                running = distributed.sum_metrics(running, world)  # (the same finite steps on every rank)
                 train = task.finalize(running) if running else {"loss": float("nan"), task.metric: float("nan")}
                 train["lr"] = optimizer.param_groups[0]["lr"]
                 train["samples_per_sec"] = seen / max(now - tick, 1e-9)
@@ -150,9 +164,11 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
 
 
 def checkpoint(run: Run, logs: RunLogs, stop: StopSignals) -> None:
-    """last.ckpt and the logs on disk; then chained signals (e.g. submitit's requeue) go on."""
+    """last.ckpt and the logs on disk (rank 0; the others wait until it is written, so none
+    exits before it); then chained signals (e.g. submitit's requeue) go on."""
     save_run(run, "last.ckpt")
     logs.flush()
+    distributed.barrier(run.world)
     stop.pass_on()
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import config
+from . import config, distributed
 from .checkpoint import set_rng_state
+from .distributed import World
 from .errors import UserError
 from .resume import check_fits
 from .sparsity import SparsityMethod, load_plain_state_dict
@@ -43,13 +44,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """The same seed on every rank: the ranks start from the same θ and masks, and draw the
+    same random masks later (static, SET) without exchanging them."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    # cuDNN picks the fastest convolution algorithm for each shape (nondeterministically).
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def autocast_factory(device: torch.device, precision: str):
@@ -122,6 +126,13 @@ class Run:
     task: object
     autocast: object
     total_steps: int
+    world: World = field(default_factory=World)
+    # What a training step calls: the model, or DDP around it (several ranks), compiled
+    # when trainer.compile is on.
+    step_model: torch.nn.Module | None = None
+    # Trained tensors DDP does not see (the sparse backend's values): averaged by hand.
+    unsynced: list = field(default_factory=list)
+    channels_last: bool = False
     step: int = 0
     best: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
@@ -144,22 +155,25 @@ class Run:
 
 
 # ------------------------------------------------------------------------- building
-def build_run(cfg: DictConfig, run_dir: Path | None = None, meta: bool = False) -> Run | None:
-    """Build the run `cfg` describes. `meta=True` builds it on the meta device without loading
-    data: the method is planned (layers chosen and sized) but not attached, since masks need
-    values; None when the dataset cannot tell its sample shape before loading."""
+def build_run(cfg: DictConfig, run_dir: Path | None = None, meta: bool = False, world: World = World()) -> Run | None:
+    """Build the run `cfg` describes, as rank `world.rank` of `world.size` processes (its
+    device, its share of the data, DDP around the model). `meta=True` builds it on the meta
+    device without loading data: the method is planned (layers chosen and sized) but not
+    attached, since masks need values; None when the dataset cannot tell its sample shape
+    before loading."""
     t = cfg.trainer
     data = config.instantiate(cfg.dataset, "dataset")
     if meta:
         data.check()
+        data.shard(0, world.size)  # a global batch the processes cannot share
         if data.model_kwargs is None:
             return None
         device, total_steps = torch.device("meta"), t.max_steps or 1
     else:
         if t.get("threads"):
             torch.set_num_threads(t.threads)
-        device = resolve_device(t.device)
-        data = data.setup()
+        device = distributed.device_for(world, t.device) if world.active else resolve_device(t.device)
+        data = data.setup().shard(world.rank, world.size)
         seed_everything(cfg.seed, t.deterministic)  # after data: generators may reseed
         total_steps = config.run_length(t, data.steps_per_epoch)
     model = build_model(cfg, data, meta)
@@ -180,14 +194,34 @@ def build_run(cfg: DictConfig, run_dir: Path | None = None, meta: bool = False) 
         autocast = autocast_factory(device, t.precision)
         scaler = torch.amp.GradScaler(device.type, enabled=str(t.precision) == "fp16")
     task = build_task(data.task, label_smoothing=t.label_smoothing)
-    return Run(cfg, run_dir, device, data, model, method, optimizer, scheduler, scaler, task, autocast, total_steps)
+    run = Run(cfg, run_dir, device, data, model, method, optimizer, scheduler, scaler, task, autocast, total_steps, world)
+    if not meta:
+        _prepare_steps(run)
+    return run
 
 
-def check_run(cfg: DictConfig) -> Run | None:
-    """The pre-flight check of a training config: build the run on the meta device and push
-    one batch of the dataset's shape through model and loss, so a model that does not fit
-    the data is one line before any work. Returns the meta run (None: see `build_run`)."""
-    run = build_run(cfg, meta=True)
+def _prepare_steps(run: Run) -> None:
+    """What the training step calls: channels-last memory, DDP, torch.compile, in this order
+    (DDP wraps the model as it will compute; compile sees DDP and splits its graph at the
+    gradient buckets)."""
+    t, model = run.cfg.trainer, run.model
+    run.channels_last = bool(t.get("channels_last")) and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    if run.channels_last:
+        model.to(memory_format=torch.channels_last)
+    run.step_model = distributed.wrap(model, run.world, run.device)
+    if run.world.active:
+        seen = {id(p) for p in model.parameters()}
+        run.unsynced = [p for p in run.method.sparse_parameters() if id(p) not in seen]
+    if t.get("compile"):
+        run.step_model = torch.compile(run.step_model)
+
+
+def check_run(cfg: DictConfig, processes: int = 1) -> Run | None:
+    """The pre-flight check of a training config for `processes` ranks: build the run on the
+    meta device and push one batch of the dataset's shape through model and loss, so a model
+    that does not fit the data (or a global batch the ranks cannot share) is one line before
+    any work. Returns the meta run (None: see `build_run`)."""
+    run = build_run(cfg, meta=True, world=World(size=processes))
     if run is None:
         return None
     x, y = run.data.example_batch(2, run.device)

@@ -41,9 +41,12 @@ class JsonlLog:
     """Append-only JSON lines; each record is flushed so a kill loses at most the last line.
     `last_step` is the step of the last record (None for an empty log)."""
 
-    def __init__(self, path: str | Path, truncate_after_step: int | None = None):
+    def __init__(self, path: str | Path, truncate_after_step: int | None = None, write: bool = True):
         self.path = Path(path)
         self.last_step = None
+        self._file = None  # (write=False: records are counted, not written)
+        if not write:
+            return
         if truncate_after_step is not None and self.path.exists():
             self._drop_after(truncate_after_step)
         self._file = self.path.open("a")
@@ -62,12 +65,14 @@ class JsonlLog:
         self.last_step = kept[-1].get("step") if kept else None
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(_clean(record)) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(_clean(record)) + "\n")
+            self._file.flush()
         self.last_step = record.get("step")
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
@@ -87,15 +92,17 @@ class RunLogs:
     from the JSON logs and hides TensorBoard's (purge_step = resume_step + 1: the records *of*
     that step were written before the checkpoint and stay), so a resumed run has no duplicate
     or out-of-order points. `resume_step=-1` clears logs left by a run that wrote no checkpoint.
+    `write=False` (every rank but 0) writes nothing.
     """
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True, write: bool = True):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl", resume_step)
-        self.sparsity = JsonlLog(self.run_dir / "sparsity.jsonl", resume_step)
+        if write:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl", resume_step, write)
+        self.sparsity = JsonlLog(self.run_dir / "sparsity.jsonl", resume_step, write)
         self.tb = None
-        if tensorboard:
+        if tensorboard and write:
             from torch.utils.tensorboard import SummaryWriter
 
             tb_dir = self.run_dir / "tb"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 log = logging.getLogger("topkast")
 
@@ -23,6 +24,11 @@ class StopSignals:
     checkpoint). SIGUSR1/SIGUSR2 without such a handler, and ignored signals, are left
     alone. Handlers can only be installed from the main thread (elsewhere: no handling).
 
+    With several ranks (`agree`), a signal to any rank stops every rank after the same step,
+    and a chained one also stops the run once passed on. A launcher (torchrun's agent)
+    passes the signal it gets on to every rank, which a Ctrl-C has already reached: the
+    same signal again within `repeat_grace_s` is that copy, not a second request.
+
     DataLoader workers get a Ctrl-C or a cluster's SIGTERM too (the whole process group).
     They are forked with these handlers: there SIGINT is ignored (the main process stops
     after the step and shuts them down) and other signals do what they did before us.
@@ -35,7 +41,9 @@ class StopSignals:
     OWN = (signal.SIGINT, signal.SIGTERM)
     CHAINABLE = tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n))
 
-    def __init__(self):
+    def __init__(self, repeat_grace_s: float = 0.0):
+        self.repeat_grace_s = repeat_grace_s
+        self._received_at = 0.0
         self.received: int | None = None  # an owned signal: stop after this step
         self.pending: list[int] = []  # chained signals: checkpoint, then call their handler
         self._previous: dict = {}
@@ -79,9 +87,11 @@ class StopSignals:
                 log.warning("received %s: writing last.ckpt after this step, then passing it on", name)
             return
         if self.received is not None:
+            if signum == self.received and time.monotonic() - self._received_at < self.repeat_grace_s:
+                return  # the launcher's copy of the same signal
             log.warning("received %s again: exiting now (last.ckpt is from an earlier step)", name)
             raise SystemExit(128 + signum)
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
         log.warning("received %s: stopping after this step and writing last.ckpt (again to stop now)", name)
 
     def _tolerate_worker_exits(self) -> None:
@@ -97,6 +107,23 @@ class StopSignals:
             self._on_child(signum, frame)
         except RuntimeError as e:  # torch: "DataLoader worker (pid N) is killed by signal"
             log.warning("%s (after the stop signal)", str(e).strip().splitlines()[0])
+
+    def agree(self, all_max) -> None:
+        """Several ranks: after each step, adopt what any rank received (`all_max`: the
+        element-wise maximum over ranks of a list of ints), so all stop after this step. A
+        chained signal also ends the run: its handler (e.g. submitit's requeue) acts on
+        rank 0 only."""
+        flags = [self.received or 0] + [int(sig in self.pending) for sig in self.CHAINABLE]
+        agreed = all_max(flags)
+        if agreed[0] and self.received is None:
+            self.received, self._received_at = agreed[0], time.monotonic()
+        for sig, on in zip(self.CHAINABLE, agreed[1:]):
+            if not on:
+                continue
+            if sig in self._chained and sig not in self.pending:
+                self.pending.append(sig)
+            if self.received is None:
+                self.received, self._received_at = int(sig), time.monotonic()
 
     def pass_on(self) -> None:
         """After the checkpoint: call the handlers of chained signals (they may exit)."""

@@ -98,8 +98,9 @@ def build_task(name: str, **kwargs):
 
 
 @torch.no_grad()
-def evaluate(model, loader, task, device, autocast=None, progress: bool = False, desc: str = "eval") -> dict:
-    """Task metrics of `model` (in eval mode) over a loader; the model's mode is restored."""
+def evaluate(model, loader, task, device, autocast=None, progress: bool = False, desc: str = "eval", reduce=None) -> dict:
+    """Task metrics of `model` (in eval mode) over a loader; the model's mode is restored.
+    `reduce` turns this loader's metric sums into the totals (several ranks: their sum)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -113,6 +114,8 @@ def evaluate(model, loader, task, device, autocast=None, progress: bool = False,
             total = accumulate(total, task.batch_sums(out, y))
     finally:
         model.train(was_training)
+    if reduce is not None:
+        total = reduce(total)
     return task.finalize(total) if total else {}
 
 

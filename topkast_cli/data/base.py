@@ -13,10 +13,17 @@ from ..errors import UserError, check_int
 
 class EpochSampler(Sampler):
     """Shuffled indices for one epoch, from a generator seeded by (seed, epoch), starting at
-    `start`: a run resumed in the middle of an epoch sees exactly the remaining samples."""
+    `start`: a run resumed in the middle of an epoch sees exactly the remaining samples.
 
-    def __init__(self, size: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True):
+    With `world` > 1 processes, rank `rank` gets its share: of a training epoch (`batch_size`
+    given, the global batch), its contiguous slice of each global batch, so the ranks
+    together see exactly the batches one process would; of an evaluation, every
+    `world`-th sample."""
+
+    def __init__(self, size: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1, batch_size: int | None = None):
         self.size, self.seed, self.epoch, self.start, self.shuffle = size, seed, epoch, start, shuffle
+        self.rank, self.world, self.batch_size = rank, world, batch_size
 
     def _order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -24,11 +31,20 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(self.size, generator=g)
 
+    def _indices(self) -> torch.Tensor:
+        order = self._order()[self.start :]
+        if self.world == 1:
+            return order
+        if self.batch_size is None:
+            return order[self.rank :: self.world]
+        full = len(order) // self.batch_size * self.batch_size  # (the last partial batch is dropped)
+        return order[:full].view(-1, self.world, self.batch_size // self.world)[:, self.rank].reshape(-1)
+
     def __iter__(self):
-        return iter(self._order()[self.start :].tolist())
+        return iter(self._indices().tolist())
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return len(self._indices())
 
 
 class SeededSamples(Dataset):
@@ -66,6 +82,18 @@ class DataModule:
         self.num_workers = check_int("dataset.num_workers", num_workers, lo=0)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.rank, self.world = 0, 1  # this process's share of the data (see `shard`)
+
+    def shard(self, rank: int, world: int) -> "DataModule":
+        """Make the loaders give rank `rank` of `world` processes its share: `batch_size` stays
+        the global batch, each rank training on batch_size / world samples of it."""
+        if self.batch_size % world:
+            raise UserError(
+                f"dataset.batch_size={self.batch_size} (the global batch) is not divisible by the {world} "
+                f"processes; use a multiple of {world}"
+            )
+        self.rank, self.world = rank, world
+        return self
 
     def check(self) -> None:
         """Cheap checks that need the disk but load nothing, run before a run directory is
@@ -109,14 +137,16 @@ class DataModule:
         raise NotImplementedError
 
     def _loader(self, dataset, batch_size, sampler, drop_last, seed):
+        workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
+            prefetch_factor=4 if workers else None,  # batches each worker loads ahead
+            persistent_workers=False,  # (a loader lives one epoch: resumable sampling)
             # Worker seeds come from this generator, not from the global RNG.
             generator=torch.Generator().manual_seed(seed),
         )
@@ -132,13 +162,22 @@ class DataModule:
 
     def train_loader(self, epoch: int, seed: int, start_batch: int = 0) -> DataLoader:
         """Shuffled full batches of epoch `epoch`, from batch `start_batch` on."""
-        sampler = EpochSampler(len(self.train_set), seed, epoch, start_batch * self.batch_size)
+        sampler = EpochSampler(
+            len(self.train_set), seed, epoch, start_batch * self.batch_size, rank=self.rank, world=self.world,
+            batch_size=self.batch_size,
+        )
         dataset = SeededSamples(self.train_set, seed, epoch) if self.random_train_transform else self.train_set
-        return self._loader(dataset, self.batch_size, sampler, True, seed * 100_003 + epoch)
+        # (each rank's stream of worker seeds differs: samples are seeded by index, not worker)
+        worker_seed = (seed * 100_003 + epoch) * self.world + self.rank
+        return self._loader(dataset, self.batch_size // self.world, sampler, True, worker_seed)
 
     def eval_loader(self, split: str = "val") -> DataLoader:
         dataset = {"val": self.val_set, "train": self.train_set}.get(split)
         if dataset is None:
             raise UserError(f"split={split!r} is not known; allowed: val, train")
-        sampler = EpochSampler(len(dataset), 0, 0, shuffle=False)
-        return self._loader(dataset, self.eval_batch_size, sampler, False, 0)
+        return self._eval_loader(dataset)
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        """All of `dataset` in order (this rank's share of it), in batches of eval_batch_size."""
+        sampler = EpochSampler(len(dataset), 0, 0, shuffle=False, rank=self.rank, world=self.world)
+        return self._loader(dataset, self.eval_batch_size, sampler, False, self.rank)

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError, check_int
 from ..tasks import IGNORE_INDEX
-from .base import DataModule, EpochSampler
+from .base import DataModule
 
 VOCABS = ("byte", "char")
 
@@ -164,7 +164,7 @@ class TextData(DataModule):
         if split not in self.tokens:
             raise UserError(f"split={split!r} is not known; allowed: {', '.join(self.tokens)}")
         dataset = self.val_set if split == "val" else EvalWindows(self.tokens[split], self.context, self.eval_stride)
-        return self._loader(dataset, self.eval_batch_size, EpochSampler(len(dataset), 0, 0, shuffle=False), False, 0)
+        return self._eval_loader(dataset)
 
 
 # ----------------------------------------------------------------------- tokenising

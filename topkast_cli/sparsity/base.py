@@ -406,6 +406,22 @@ class SparsityMethod:
         on the trained entries (B), weight decay that leaves frozen entries alone."""
         return 0.0, 1.0
 
+    @torch.no_grad()
+    def mask_digests(self) -> dict[str, torch.Tensor]:
+        """Per layer, [|A|, |B|, hash of A, hash of B] (int64): equal digests mean equal masks,
+        but for a chance collision. Cheap enough to compare across processes at every update."""
+        def digest(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = mask.reshape(-1).nonzero().squeeze(1)
+            # Knuth's multiplicative hash of each index, summed: order-free and int64-safe
+            # (index < 2^31, factor < 2^32).
+            return torch.tensor(idx.numel()), ((idx * 2654435761) % 2147483647).sum().cpu()
+
+        out = {}
+        for layer in self.layers:
+            (na, ha), (nb, hb) = digest(layer.forward), digest(layer.backward)
+            out[layer.name] = torch.stack([na, nb, ha, hb])
+        return out
+
     # ------------------------------------------------------------ measurement
     def measured_density(self, model: nn.Module) -> dict:
         """Nonzeros of the weights `model` computes with (α for this method's sparse layers),
