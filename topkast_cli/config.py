@@ -65,9 +65,35 @@ def compose(config_name: str, overrides: list[str], config_dir: str | None = Non
         unknown = re.match(r"Could not override '([^']+)'", message)
         if unknown and "not in" in message:
             message = _unknown_key(config_name, overrides, config_dir, unknown.group(1)) or message
-        raise UserError(message) from None
+        raise UserError(message + _launcher_hint(message)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+# Launcher options that Hydra plugins provide, and the module each needs.
+LAUNCHER_PLUGINS = {
+    "joblib": "hydra_plugins.hydra_joblib_launcher",
+    "submitit": "hydra_plugins.hydra_submitit_launcher",
+    "slurm": "hydra_plugins.hydra_submitit_launcher",
+}
+
+
+def _launcher_hint(message: str) -> str:
+    """What to install when a launcher's plugin is missing (Hydra only says it cannot find it)."""
+    import importlib.util
+
+    found = re.search(r"hydra/launcher/(\w+)", message)
+    if not found:
+        return ""
+    for key, module in LAUNCHER_PLUGINS.items():
+        if key in found.group(1):
+            try:
+                installed = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:  # (no hydra_plugins package at all)
+                installed = False
+            if not installed:
+                return "; its plugin is not installed: pip install 'topkast-cli[launchers]'"
+    return ""
 
 
 def _bad_override(overrides: list[str]) -> str | None:
