@@ -141,7 +141,7 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
                 try:
                     val = run_eval(run, logs)
                 except Exception:
-                    if not stop.requested or logs.metrics.last_step == run.step:
+                    if not stop.signalled or logs.metrics.last_step == run.step:
                         raise
                     # Its loader's workers got the signal too; new ones did not.
                     log.warning("evaluation at step %d broke off after the signal; evaluating again", run.step)
@@ -155,7 +155,7 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
             if stop.received is not None or last:
                 break
         else:
-            if stop.requested:  # the loader broke off: its workers got the signal too
+            if stop.signalled:  # the loader broke off: its workers got the signal too
                 checkpoint(run, logs, stop)
         if stop.received is not None:
             break
@@ -183,7 +183,7 @@ def _batches(loader, stop: StopSignals):
         except StopIteration:
             return
         except Exception as e:
-            if not stop.requested:
+            if not stop.signalled:
                 raise
             log.warning("the data loader stopped after the signal (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
             return

@@ -41,9 +41,14 @@ class StopSignals:
     OWN = (signal.SIGINT, signal.SIGTERM)
     CHAINABLE = tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n))
 
-    def __init__(self, repeat_grace_s: float = 0.0):
+    def __init__(self, repeat_grace_s: float = 0.0, collective: bool = False):
         self.repeat_grace_s = repeat_grace_s
+        # collective: what this process got takes effect at the next `agree`, on every rank
+        # at once (the loop of each rank must take the same branches).
+        self.collective = collective
         self._received_at = 0.0
+        self.got: int | None = None  # the owned signal this process got
+        self.got_chained: list[int] = []  # the chained signals this process got
         self.received: int | None = None  # an owned signal: stop after this step
         self.pending: list[int] = []  # chained signals: checkpoint, then call their handler
         self._previous: dict = {}
@@ -54,6 +59,11 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.received is not None or bool(self.pending)
+
+    @property
+    def signalled(self) -> bool:
+        """A stop is asked for, or this process got a signal not yet agreed on."""
+        return self.requested or self.got is not None or bool(self.got_chained)
 
     def __enter__(self):
         self._pid = os.getpid()
@@ -80,18 +90,22 @@ class StopSignals:
         self._tolerate_worker_exits()
         name = signal.Signals(signum).name
         if signum in self._chained:
-            if signum in self.pending:  # the second one does not wait for the step
+            if signum in self.got_chained:  # the second one does not wait for the step
                 self._previous[signum](signum, frame)
             else:
-                self.pending.append(signum)
+                self.got_chained.append(signum)
+                if not self.collective:
+                    self.pending.append(signum)
                 log.warning("received %s: writing last.ckpt after this step, then passing it on", name)
             return
-        if self.received is not None:
-            if signum == self.received and time.monotonic() - self._received_at < self.repeat_grace_s:
+        if self.got is not None:
+            if signum == self.got and time.monotonic() - self._received_at < self.repeat_grace_s:
                 return  # the launcher's copy of the same signal
             log.warning("received %s again: exiting now (last.ckpt is from an earlier step)", name)
             raise SystemExit(128 + signum)
-        self.received, self._received_at = signum, time.monotonic()
+        self.got, self._received_at = signum, time.monotonic()
+        if not self.collective:
+            self.received = signum
         log.warning("received %s: stopping after this step and writing last.ckpt (again to stop now)", name)
 
     def _tolerate_worker_exits(self) -> None:
@@ -113,17 +127,17 @@ class StopSignals:
         element-wise maximum over ranks of a list of ints), so all stop after this step. A
         chained signal also ends the run: its handler (e.g. submitit's requeue) acts on
         rank 0 only."""
-        flags = [self.received or 0] + [int(sig in self.pending) for sig in self.CHAINABLE]
+        flags = [self.got or 0] + [int(sig in self.got_chained) for sig in self.CHAINABLE]
         agreed = all_max(flags)
         if agreed[0] and self.received is None:
-            self.received, self._received_at = agreed[0], time.monotonic()
+            self.received = agreed[0]
         for sig, on in zip(self.CHAINABLE, agreed[1:]):
-            if not on:
+            if not on or self.received is not None and sig in self.pending:
                 continue
-            if sig in self._chained and sig not in self.pending:
+            if sig in self._chained:
                 self.pending.append(sig)
             if self.received is None:
-                self.received, self._received_at = int(sig), time.monotonic()
+                self.received = int(sig)
 
     def pass_on(self) -> None:
         """After the checkpoint: call the handlers of chained signals (they may exit)."""

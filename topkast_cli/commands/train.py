@@ -120,7 +120,7 @@ def _train(cfg: DictConfig, run_dir: Path, world: World) -> dict:
         if ckpt is None:
             logs.log_sparsity(m.report(run.step))
             logs.log_hparams(hparams(cfg, m), [f"val/{run.task.metric}", "val/loss", "train/loss"])
-        with StopSignals(repeat_grace_s=2.0 if world.active else 0.0) as stop:
+        with StopSignals(repeat_grace_s=2.0 if world.active else 0.0, collective=world.active) as stop:
             status = fit(run, logs, stop)
         if status == "completed" and logs.sparsity.last_step != run.step:  # (not twice at a refresh)
             logs.log_sparsity(m.report(run.step))
