@@ -1,5 +1,6 @@
 """`hydra/launcher=slurm_ddp`: Hydra's submitit SLURM launcher where each SLURM task of a job
-is one rank of a data-parallel run (`nodes` x `tasks_per_node` ranks, one GPU each).
+is one rank of a data-parallel run (`nodes` x `tasks_per_node` ranks, one GPU each);
+`hydra/launcher=local_ddp` runs the same tasks as local processes.
 
 Every task runs the job: before it does, the task exports the rendezvous that torch.distributed
 reads (MASTER_ADDR/PORT from the job's first node, RANK, WORLD_SIZE, LOCAL_RANK; submitit's
@@ -14,9 +15,9 @@ submitit plugin installed (the `launchers` extra) this one defines nothing.
 from __future__ import annotations
 
 try:
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 except ImportError:  # pragma: no cover (the extra is not installed)
-    SlurmLauncher = None
+    SlurmLauncher = LocalLauncher = None
 
 
 def task_environment() -> list[str]:
@@ -35,7 +36,15 @@ def task_environment() -> list[str]:
 
 if SlurmLauncher is not None:
 
-    class SlurmDDPLauncher(SlurmLauncher):
+    class RankTasks:
+        """Each task of a job is one rank (mixed into a submitit launcher)."""
+
         def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state):
             overrides = [*sweep_overrides, *task_environment()]
             return super().__call__(overrides, job_dir_key, job_num, job_id, singleton_state)
+
+    class SlurmDDPLauncher(RankTasks, SlurmLauncher):
+        """`hydra/launcher=slurm_ddp`."""
+
+    class LocalDDPLauncher(RankTasks, LocalLauncher):
+        """`hydra/launcher=local_ddp`: the same, as local processes (a workstation, tests)."""
