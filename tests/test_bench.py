@@ -46,7 +46,9 @@ def test_quick_bench_writes_every_result(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
-    assert {"speed.md", "memory.md", "backends.md", "accuracy_mnist1d.md", "accuracy_mnist1d.png", "accuracy_digits.csv"} <= names
+    assert {"speed.md", "memory.md", "backends.md", "scaling.md", "accuracy_mnist1d.md", "accuracy_mnist1d.png",
+            "accuracy_digits.csv"} <= names
+    assert "| 2 processes (steps/s) |" in (out / "scaling.md").read_text()
     speed = (out / "speed.md").read_text()
     assert "Machine:" in speed and "Date:" in speed and "refresh every 100 steps" in speed
     table = (out / "accuracy_mnist1d.md").read_text()

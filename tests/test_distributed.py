@@ -298,3 +298,31 @@ def test_a_killed_rank_ends_the_job(tmp_path):
     assert time.monotonic() - killed < 60
     for pid in ranks.values():  # no rank is left behind
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_data_parallel_launcher_s_ranks_must_share_the_global_batch(tmp_path):
+    """`hydra/launcher=slurm_ddp` with 2 nodes x 4 tasks: 8 ranks, checked before submitting."""
+    from topkast_cli.launch import preflight
+    from topkast_cli.commands.train import check_job
+
+    common = ["-m", "hydra/launcher=local_ddp", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=4",
+              f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    with pytest.raises(UserError, match="not divisible by the 8 processes"):
+        preflight("train", [*common, "dataset.batch_size=100"], check_job)
+    preflight("train", [*common, "dataset.batch_size=96"], check_job)
+
+
+@pytest.mark.slow
+def test_the_submitit_path_trains_one_job_as_two_ranks(tmp_path):
+    """`hydra/launcher=local_ddp`: slurm_ddp's code path (each submitit task one rank), with
+    local processes: the job trains in 2 processes and only rank 0 writes."""
+    sweep = tmp_path / "sweep"
+    done = run_topkast(["sweep", "hydra/launcher=local_ddp", *ARGS, "sparsity.forward=0.9", f"hydra.sweep.dir={sweep}"],
+                       tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (job,) = [p for p in sweep.iterdir() if (p / "summary.json").exists()]
+    assert "x 2 processes" in (job / "train.log").read_text()
+    assert json.loads((job / "summary.json").read_text())["status"] == "completed"
+    one = tmp_path / "one"
+    train(ARGS, one)
+    assert_same_masks(ckpt(job)["masks"], ckpt(one)["masks"])

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .. import config, distributed, launch, spawn
 from ..checkpoint import load_checkpoint
@@ -37,7 +37,7 @@ def check_job(cfg: DictConfig, run_dir: Path | None, multirun: bool = False) -> 
     one must fit its checkpoint)."""
     job = config.without_hydra(cfg)
     config.validate(job)
-    processes = check_processes(job, World.from_env(), multirun)
+    processes = check_processes(job, World.from_env(), multirun) * launcher_ranks(cfg)
     meta = check_run(job, processes)
     if run_dir is None:  # a sweep job whose directory depends on its number
         return
@@ -45,6 +45,15 @@ def check_job(cfg: DictConfig, run_dir: Path | None, multirun: bool = False) -> 
     check_fresh(job, run_dir, what, key)
     method = meta.method if meta is not None else config.instantiate(job.sparsity, "sparsity")
     check_resume(job, run_dir, method, *((meta.model, meta.data) if meta is not None else (None, None)))
+
+
+def launcher_ranks(cfg: DictConfig) -> int:
+    """The ranks of each job that a data-parallel launcher (`hydra/launcher=slurm_ddp`) will
+    start: nodes x tasks_per_node; 1 for any other launcher."""
+    launcher = OmegaConf.select(cfg, "hydra.launcher", default=None)
+    if launcher is None or not str(launcher.get("_target_", "")).endswith("DDPLauncher"):
+        return 1
+    return int(launcher.get("nodes", 1)) * int(launcher.get("tasks_per_node", 1))
 
 
 def check_processes(cfg: DictConfig, world: World, multirun: bool) -> int:

@@ -180,4 +180,5 @@ class DataModule:
     def _eval_loader(self, dataset) -> DataLoader:
         """All of `dataset` in order (this rank's share of it), in batches of eval_batch_size."""
         sampler = EpochSampler(len(dataset), 0, 0, shuffle=False, rank=self.rank, world=self.world)
-        return self._loader(dataset, self.eval_batch_size, sampler, False, self.rank)
+        # (eval_batch_size is global, as batch_size: each rank takes its share)
+        return self._loader(dataset, max(1, self.eval_batch_size // self.world), sampler, False, self.rank)
