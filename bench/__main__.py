@@ -1,4 +1,4 @@
-"""`python -m bench [accuracy] [speed] [memory] [lm] [backends] [scaling] [--quick] [--out DIR]`: all of them by default."""
+"""`python -m bench [accuracy] [speed] [memory] [lm] [backends] [scaling] [gpu] [--quick] [--out DIR]`: all of them by default."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 import time
 from pathlib import Path
 
-from . import accuracy, backends, lm, memory, scaling, speed
+from . import accuracy, backends, gpu, lm, memory, scaling, speed
 from .common import RESULTS
 
 PARTS = {"accuracy": accuracy.main, "speed": speed.main, "memory": memory.main, "lm": lm.main, "backends": backends.main,
-         "scaling": scaling.main}
+         "scaling": scaling.main, "gpu": gpu.main}
 
 
 def main() -> None:

@@ -249,48 +249,47 @@ def evaluated_step(run_dir: Path) -> int:
 
 
 LONG = [a for a in ARGS if not a.startswith(("trainer.max_steps", "trainer.eval_every"))] + [
-    "trainer.max_steps=1500", "trainer.eval_every=10", "trainer.checkpoint_every=500",
+    "trainer.max_steps=600", "trainer.eval_every=10", "trainer.checkpoint_every=200",
 ]
 
 
-def start(args, run_dir: Path) -> subprocess.Popen:
+def start(args, run_dir: Path, until_step: int) -> tuple[subprocess.Popen, dict[int, int]]:
+    """`trainer.devices=2` started in the background and running past `until_step`: the
+    launcher and {rank: pid}."""
     cmd = [sys.executable, "-m", "topkast_cli", "train", *args, "trainer.devices=2", f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_signals, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks = rank_pids(proc.pid)
+    deadline = time.monotonic() + 120
+    while evaluated_step(run_dir) < until_step and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended too soon"
+    return proc, ranks
 
 
 def test_sigterm_to_one_rank_stops_all_after_the_same_step_and_resume_matches(tmp_path):
     reference = tmp_path / "reference"
     train(LONG, reference, devices=2)
     run = tmp_path / "run"
-    proc = start(LONG, run)
-    ranks = rank_pids(proc.pid)
-    deadline = time.monotonic() + 120
-    while evaluated_step(run) < 20 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before the signal"
+    proc, ranks = start(LONG, run, until_step=20)
     os.kill(ranks[1], signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
     stopped = ckpt(run)["step"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["step"] == stopped  # the step rank 0 wrote
-    assert 20 <= stopped < 1500
+    assert 20 <= stopped < 600
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) in (["best.ckpt", "last.ckpt"], ["last.ckpt"])
 
     train([*LONG, "resume=auto"], run, devices=2)
     done, ref = ckpt(run), ckpt(reference)
-    assert done["step"] == ref["step"] == 1500
+    assert done["step"] == ref["step"] == 600
     assert_same_masks(done["masks"], ref["masks"])
     assert largest_difference(done["model"], ref["model"]) == 0.0  # the same world size: exact
 
 
 def test_a_killed_rank_ends_the_job(tmp_path):
     run = tmp_path / "run"
-    proc = start(LONG, run)
-    ranks = rank_pids(proc.pid)
-    deadline = time.monotonic() + 120
-    while evaluated_step(run) < 10 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proc, ranks = start(LONG, run, until_step=10)
     killed = time.monotonic()
     os.kill(ranks[1], signal.SIGKILL)
     code = proc.wait(timeout=120)
