@@ -4,14 +4,10 @@ rank overrides must compose; a missing launcher plugin is a hint."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import TINY, default_signals, make_config
+from conftest import TINY, make_config
 from topkast_cli.config import compose
 from topkast_cli.launch import rank_overrides
 from topkast_cli.loop import train_step
