@@ -253,12 +253,17 @@ LONG = [a for a in ARGS if not a.startswith(("trainer.max_steps", "trainer.eval_
 ]
 
 
+def in_own_group():
+    default_signals()
+    os.setsid()  # as a shell starts a job: Ctrl-C goes to this process group
+
+
 def start(args, run_dir: Path, until_step: int) -> tuple[subprocess.Popen, dict[int, int]]:
-    """`trainer.devices=2` started in the background and running past `until_step`: the
-    launcher and {rank: pid}."""
+    """`trainer.devices=2` started in the background (its own process group) and running past
+    `until_step`: the launcher and {rank: pid}."""
     cmd = [sys.executable, "-m", "topkast_cli", "train", *args, "trainer.devices=2", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_signals, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            preexec_fn=in_own_group, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ranks = rank_pids(proc.pid)
     deadline = time.monotonic() + 120
     while evaluated_step(run_dir) < until_step and proc.poll() is None and time.monotonic() < deadline:
@@ -285,6 +290,18 @@ def test_sigterm_to_one_rank_stops_all_after_the_same_step_and_resume_matches(tm
     assert done["step"] == ref["step"] == 600
     assert_same_masks(done["masks"], ref["masks"])
     assert largest_difference(done["model"], ref["model"]) == 0.0  # the same world size: exact
+
+
+def test_ctrl_c_stops_every_rank_after_one_step_with_last_ckpt(tmp_path):
+    """A terminal's Ctrl-C reaches the launcher's process group (the ranks run in sessions
+    of their own): the launcher passes it on once, and the ranks stop together."""
+    run = tmp_path / "run"
+    proc, _ = start(LONG, run, until_step=20)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 20 <= ckpt(run)["step"] == summary["step"] < 600
+    assert "Traceback" not in proc.stderr.read()
 
 
 def test_a_killed_rank_ends_the_job(tmp_path):

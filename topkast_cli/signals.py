@@ -25,9 +25,10 @@ class StopSignals:
     alone. Handlers can only be installed from the main thread (elsewhere: no handling).
 
     With several ranks (`agree`), a signal to any rank stops every rank after the same step,
-    and a chained one also stops the run once passed on. A launcher (torchrun's agent)
-    passes the signal it gets on to every rank, which a Ctrl-C has already reached: the
-    same signal again within `repeat_grace_s` is that copy, not a second request.
+    and a chained one also stops the run once passed on. A launcher passes the signal it
+    gets on to every rank, which the same signal may have reached directly (a process
+    group's SIGTERM): the same signal again within `repeat_grace_s` is that copy, not a
+    second request.
 
     DataLoader workers get a Ctrl-C or a cluster's SIGTERM too (the whole process group).
     They are forked with these handlers: there SIGINT is ignored (the main process stops

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import uuid
 
@@ -23,6 +22,7 @@ def cpu_count() -> int:
 
 def run_local(n: int, args: list[str], threads: int | None = None) -> int:
     """Run `topkast train ARGS` as N ranks on this machine; returns the exit code."""
+    os.environ.setdefault("LOGLEVEL", "ERROR")  # torch's launcher: no warnings of its own about our stops
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -38,11 +38,11 @@ def run_local(n: int, args: list[str], threads: int | None = None) -> int:
         rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
         max_restarts=0,  # a failed rank ends the job: the others are stopped, not restarted
         monitor_interval=0.1,
-        # A Ctrl-C reaches every rank from the terminal; the launcher does not pass it on
-        # again. SIGTERM sent to this process alone is passed on to the ranks.
-        signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
+        # The ranks run in sessions of their own (a terminal's Ctrl-C does not reach them):
+        # the launcher passes SIGINT and SIGTERM on, then waits this long for the step to
+        # end and last.ckpt to be written before it kills them.
+        shutdown_timeout=300,
     )
-    previous = signal.signal(signal.SIGINT, lambda *_: None)  # (not SIG_IGN: the ranks would inherit it)
     try:
         elastic_launch(config, sys.executable)("-m", "topkast_cli", "train", *args)
         return 0
@@ -50,8 +50,6 @@ def run_local(n: int, args: list[str], threads: int | None = None) -> int:
         return exit_code({rank: f.exitcode for rank, f in e.failures.items()})
     except SignalException as e:
         return 128 + int(e.sigval)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def exit_code(codes: dict[int, int]) -> int:
