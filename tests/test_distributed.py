@@ -342,3 +342,35 @@ def test_the_submitit_path_trains_one_job_as_two_ranks(tmp_path):
     one = tmp_path / "one"
     train(ARGS, one)
     assert_same_masks(ckpt(job)["masks"], ckpt(one)["masks"])
+
+
+def test_stop_signals_agree_across_ranks():
+    """What one rank got takes effect on every rank at the same `agree`, and not before (the
+    ranks must take the same branches after each step)."""
+    from topkast_cli.signals import StopSignals
+
+    ranks = [StopSignals(collective=True), StopSignals(collective=True)]
+    ranks[1]._handle(signal.SIGTERM, None)  # as if the signal came to rank 1 only
+    assert ranks[1].signalled and not ranks[1].requested  # not yet in effect
+
+    def all_max(flags_of):
+        return lambda flags: [max(v) for v in zip(*flags_of)]
+
+    flags = [[s.got or 0] + [int(sig in s.got_chained) for sig in s.CHAINABLE] for s in ranks]
+    for s in ranks:
+        s.agree(all_max(flags))
+    assert [s.received for s in ranks] == [signal.SIGTERM, signal.SIGTERM]
+
+    # A chained signal (submitit's SIGUSR2 on every task): checkpoint, pass it on, and stop.
+    calls = []
+    ranks = [StopSignals(collective=True), StopSignals(collective=True)]
+    for s in ranks:
+        s._chained.add(signal.SIGUSR2)
+        s._previous[signal.SIGUSR2] = lambda signum, frame: calls.append(signum)
+    ranks[0]._handle(signal.SIGUSR2, None)
+    flags = [[s.got or 0] + [int(sig in s.got_chained) for sig in s.CHAINABLE] for s in ranks]
+    for s in ranks:
+        s.agree(all_max(flags))
+        assert s.requested and s.received == signal.SIGUSR2
+        s.pass_on()
+    assert calls == [signal.SIGUSR2, signal.SIGUSR2]
