@@ -174,6 +174,7 @@ def build_run(cfg: DictConfig, run_dir: Path | None = None, meta: bool = False, 
             torch.set_num_threads(t.threads)
         device = distributed.device_for(world, t.device) if world.active else resolve_device(t.device)
         data = data.setup().shard(world.rank, world.size)
+        data.pin_memory = device.type == "cuda"
         seed_everything(cfg.seed, t.deterministic)  # after data: generators may reseed
         total_steps = config.run_length(t, data.steps_per_epoch)
     model = build_model(cfg, data, meta)

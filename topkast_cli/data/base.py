@@ -83,6 +83,7 @@ class DataModule:
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.rank, self.world = 0, 1  # this process's share of the data (see `shard`)
+        self.pin_memory = False  # page-locked batches, for asynchronous copies to a GPU (set by the run)
 
     def shard(self, rank: int, world: int) -> "DataModule":
         """Make the loaders give rank `rank` of `world` processes its share: `batch_size` stays
@@ -144,7 +145,7 @@ class DataModule:
             sampler=sampler,
             drop_last=drop_last,
             num_workers=workers,
-            pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
+            pin_memory=self.pin_memory,
             prefetch_factor=4 if workers else None,  # batches each worker loads ahead
             persistent_workers=False,  # (a loader lives one epoch: resumable sampling)
             # Worker seeds come from this generator, not from the global RNG.
