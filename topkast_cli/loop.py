@@ -65,7 +65,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, params: list) -> tupl
         optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.unscale_(optimizer)
-        method.after_backward(run.step)
+        method.after_backward(run.step, optimizer)
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         finite = run.scaler.is_enabled() or grads_finite(params)

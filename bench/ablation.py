@@ -1,0 +1,148 @@
+"""Ablations of issue 13 (accuracy at high sparsity): each idea is a set of `topkast train`
+overrides, run over seeds on the bench CNN (`bench`: bench/accuracy.py's MNIST-1D task) or
+on `topkast train`'s defaults (`default`), two runs at a time, each on one thread. A run whose
+summary.json exists is not run again, so the grid can grow between calls.
+
+    python -m bench.ablation                       # every setting, seeds 0,1,2
+    python -m bench.ablation --only tk90_base,tk90_decoupled --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .accuracy import TASKS
+
+BENCH = TASKS["mnist1d"][1]
+DEFAULT: list[str] = []  # `topkast train` as it comes: cnn1d 25 channels, 6000 steps
+COMMON = ["trainer.threads=1", "trainer.progress=false", "trainer.tensorboard=false",
+          "trainer.eval_every=null", "trainer.checkpoint_every=null"]
+
+TK = "sparsity=topkast"
+# main's behaviour, whatever the defaults become
+OLD: list[str] = []
+
+
+def tk(forward: float, backward: float, *more: str) -> list[str]:
+    return [TK, f"sparsity.forward={forward}", f"sparsity.backward={backward}", *more]
+
+
+# name: (task, idea, overrides, kept). `kept` is the verdict written into the table.
+SETTINGS: dict[str, tuple[str, str, list[str], str]] = {}
+
+
+def setting(name: str, task: str, idea: str, overrides: list[str], kept: str = "") -> None:
+    SETTINGS[name] = (task, idea, overrides, kept)
+
+
+for f, b in ((0.8, 0.6), (0.9, 0.8), (0.95, 0.9)):
+    p = f"tk{round(f * 100)}"
+    setting(f"{p}_base", "bench", f"Top-KAST {f:g}/{b:g}, defaults of main", tk(f, b, *OLD))
+setting("dense", "bench", "dense", ["sparsity.forward=0"])
+# 1. optimizer meets masks (bench, 90/80 and 95/90)
+for f, b in ((0.9, 0.8), (0.95, 0.9)):
+    p = f"tk{round(f * 100)}"
+    base = tk(f, b, *OLD)
+    setting(f"{p}_lam0", "bench", "no regulariser (λ=0)", [*base, "sparsity.regularization=0"])
+    setting(f"{p}_restart", "bench", "per-entry Adam restart", [*base, "sparsity.moment_restart=per_entry"])
+    for lam in (0.005, 0.05, 0.5):
+        setting(f"{p}_dec{lam:g}", "bench", f"decoupled penalty λ={lam:g}",
+                [*base, "sparsity.regularization_form=decoupled", f"sparsity.regularization={lam}"])
+    setting(f"{p}_lamcos", "bench", "λ schedule: cosine to 0 at the end of exploration",
+            [*base, "sparsity.regularization_schedule=cosine"])
+    # 2. mask dynamics
+    for r in (5, 100):
+        setting(f"{p}_refresh{r}", "bench", f"refresh every {r} steps", [*base, f"sparsity.refresh_interval={r}"])
+    for e in (0.5, "null"):
+        setting(f"{p}_explore{e}", "bench", f"exploration {e}", [*base, f"sparsity.exploration_steps={e}"])
+    setting(f"{p}_erk", "bench", "ERK", [*base, "sparsity.distribution=erk"])
+    setting(f"{p}_keep", "bench", "keep every unit in A", [*base, "sparsity.keep_units=true"])
+setting("tk90_bwd0.6", "bench", "backward density 4x forward", tk(0.9, 0.6, *OLD))
+setting("tk95_bwd0.8", "bench", "backward density 4x forward", tk(0.95, 0.8, *OLD))
+
+
+def run_dir(root: Path, name: str, seed: int) -> Path:
+    return root / name / f"seed{seed}"
+
+
+def train(root: Path, name: str, seed: int) -> dict | None:
+    task, _, overrides, _ = SETTINGS[name]
+    out = run_dir(root, name, seed)
+    summary = out / "summary.json"
+    if not summary.exists():
+        args = [*(BENCH if task == "bench" else DEFAULT), *overrides, *COMMON, f"seed={seed}", f"hydra.run.dir={out}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "topkast_cli", "train", *args], env=env, capture_output=True, text=True)
+        if done.returncode not in (0, 1):
+            print(f"{name} seed {seed}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            return None
+    s = json.loads(summary.read_text())
+    acc = (s.get("final") or {}).get("acc1")
+    print(f"{name} seed {seed}: {acc}", flush=True)
+    return s
+
+
+def results(root: Path, names: list[str], seeds: list[int]) -> dict[str, list[float]]:
+    found = {}
+    for name in names:
+        values = []
+        for seed in seeds:
+            p = run_dir(root, name, seed) / "summary.json"
+            if p.exists():
+                final = json.loads(p.read_text()).get("final") or {}
+                if final.get("acc1") is not None:
+                    values.append(final["acc1"])
+        found[name] = values
+    return found
+
+
+def table(root: Path, names: list[str], seeds: list[int]) -> str:
+    lines = ["| task | setting | idea | acc1 (mean ± std) | seeds | min | kept |", "|---|---|---|---|---|---|---|"]
+    for name, values in results(root, names, seeds).items():
+        task, idea, overrides, kept = SETTINGS[name]
+        if values:
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cell, low = f"{statistics.fmean(values):.1f} ± {std:.1f}", f"{min(values):.1f}"
+        else:
+            cell, low = "-", "-"
+        lines.append(f"| {task} | `{name}` | {idea} | {cell} | {len(values)} | {low} | {kept} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated setting names (default: all)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--runs", default="runs/ablation")
+    parser.add_argument("--table", default="", help="write the table (markdown) here")
+    parser.add_argument("--no-run", action="store_true", help="only tabulate what exists")
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n] or list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        sys.exit(f"unknown settings: {unknown}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    root = Path(args.runs)
+    if not args.no_run:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: train(root, *job), [(n, s) for n in names for s in seeds]))
+    text = table(root, names, seeds)
+    print(text)
+    if args.table:
+        head = (f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, one thread per run; "
+                f"{time.strftime('%Y-%m-%d')}.\n\n")
+        Path(args.table).write_text(head + text)
+
+
+if __name__ == "__main__":
+    main()
