@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save_run
 from .errors import RunFailed
+from .health import CollapseWatch
 from .run import Run
 from .run_logs import RunLogs
 from .signals import StopSignals
@@ -94,11 +95,13 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
     running, seen, tick = None, 0, time.perf_counter()
     postfix = {"density": f"{method.report(run.step)['forward_density']:.3f}"}
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not t.progress, dynamic_ncols=True)
+    health = CollapseWatch(method, t.get("collapse_window"), t.get("collapse_stop", False), t.log_every)
     model.train()
     while run.step < run.total_steps:
         epoch, offset = divmod(run.step, spe)
         for x, y in _batches(run.data.train_loader(epoch, cfg.seed, offset), stop):
             x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+            health.before_step(run.step)
             out, finite, changed = train_step(run, x, y, params)
             bar.update(1)
             if changed:
@@ -121,6 +124,9 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
                 if run.skipped_steps:
                     train["skipped_steps"] = run.skipped_steps
                 logs.scalars("train", train, run.step)
+                if logs.tb is not None:
+                    logs.histograms("sparsity/magnitude", method.magnitudes(), run.step)
+                health.check(run.step, train["loss"], out)
                 running, seen, tick = None, 0, now
                 postfix.update(loss=f"{train['loss']:.3f}", **{task.metric: f"{train[task.metric]:.1f}"})
             if (t.eval_every and run.step % t.eval_every == 0) or last:
@@ -145,6 +151,7 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
                 checkpoint(run, logs, stop)
         if stop.received is not None:
             break
+    health.close()
     bar.close()
     return "interrupted" if stop.received is not None else "completed"
 
@@ -152,7 +159,7 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
 def checkpoint(run: Run, logs: RunLogs, stop: StopSignals) -> None:
     """last.ckpt and the logs on disk; then chained signals (e.g. submitit's requeue) go on."""
     save_run(run, "last.ckpt")
-    logs.flush()
+    logs.flush(run.step)
     stop.pass_on()
 
 

@@ -496,6 +496,20 @@ class SparsityMethod:
             layer.use_dense_weights(dense)
 
     # -------------------------------------------------------------- reporting
+    @torch.no_grad()
+    def magnitudes(self, limit: int = 1 << 16) -> dict[str, torch.Tensor]:
+        """|θ| in A, in B \\ A and outside B over all sparse layers, each a strided sample of at
+        most `limit` values (no RNG drawn), for histograms; empty without sparse layers."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for layer in self.layers:
+            for key, values in layer.magnitudes().items():
+                parts.setdefault(key, []).append(values.float().cpu())
+        out = {}
+        for key, values in parts.items():
+            flat = torch.cat(values)
+            out[key] = flat[:: max(1, -(-flat.numel() // limit))]
+        return out
+
     def report(self, step: int) -> dict:
         """The sparsity record (one line of sparsity.jsonl), measured from the masks."""
         layers, n, nf, nb = {}, 0, 0, 0
