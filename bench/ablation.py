@@ -66,8 +66,35 @@ for f, b in ((0.9, 0.8), (0.95, 0.9)):
         setting(f"{p}_explore{e}", "bench", f"exploration {e}", [*base, f"sparsity.exploration_steps={e}"])
     setting(f"{p}_erk", "bench", "ERK", [*base, "sparsity.distribution=erk"])
     setting(f"{p}_keep", "bench", "keep every unit in A", [*base, "sparsity.keep_units=true"])
+# on top of the decoupled penalty (λ=0.05)
+DEC = ["sparsity.regularization_form=decoupled", "sparsity.regularization=0.05"]
+for f, b in ((0.9, 0.8), (0.95, 0.9)):
+    p = f"tk{round(f * 100)}"
+    base = tk(f, b, *OLD, *DEC)
+    setting(f"{p}_dec0.2", "bench", "decoupled penalty λ=0.2", [*tk(f, b, *OLD), "sparsity.regularization_form=decoupled", "sparsity.regularization=0.2"])
+    setting(f"{p}_dec_restart", "bench", "decoupled + per-entry restart", [*base, "sparsity.moment_restart=per_entry"])
+    setting(f"{p}_dec_keep", "bench", "decoupled + keep every unit", [*base, "sparsity.keep_units=true"])
+    setting(f"{p}_dec_erk", "bench", "decoupled + ERK", [*base, "sparsity.distribution=erk"])
+    setting(f"{p}_dec_lamcos", "bench", "decoupled + cosine λ", [*base, "sparsity.regularization_schedule=cosine"])
+    setting(f"{p}_dec_refresh100", "bench", "decoupled + refresh every 100", [*base, "sparsity.refresh_interval=100"])
+    setting(f"{p}_dec_refresh5", "bench", "decoupled + refresh every 5", [*base, "sparsity.refresh_interval=5"])
+    setting(f"{p}_dec_explorenull", "bench", "decoupled + explore the whole run", [*base, "sparsity.exploration_steps=null"])
+setting("tk95_dec_bwd0.8", "bench", "decoupled + backward density 4x forward", [*tk(0.95, 0.8, *OLD), *DEC])
+setting("tk90_dec_bwd0.6", "bench", "decoupled + backward density 4x forward", [*tk(0.9, 0.6, *OLD), *DEC])
+setting("tk80_dec", "bench", "decoupled penalty λ=0.05", [*tk(0.8, 0.6, *OLD), *DEC])
 setting("tk90_bwd0.6", "bench", "backward density 4x forward", tk(0.9, 0.6, *OLD))
 setting("tk95_bwd0.8", "bench", "backward density 4x forward", tk(0.95, 0.8, *OLD))
+
+# the default task (`topkast train`: cnn1d 25 channels, 6000 steps) and its collapses
+setting("d_dense", "default", "dense", ["sparsity.forward=0"])
+for name, over in (("tk90", tk(0.9, 0.8, *OLD)), ("tk95", tk(0.95, 0.9, *OLD)),
+                   ("rigl95", ["sparsity=rigl", "sparsity.forward=0.95", *OLD]),
+                   ("set95", ["sparsity=set", "sparsity.forward=0.95", *OLD])):
+    setting(f"d_{name}_base", "default", f"{name}, defaults of main", over)
+    setting(f"d_{name}_keep", "default", f"{name}, keep every unit", [*over, "sparsity.keep_units=true"]) if name.startswith("tk") else None
+    setting(f"d_{name}_erk", "default", f"{name}, ERK", [*over, "sparsity.distribution=erk"])
+    setting(f"d_{name}_dec", "default", f"{name}, decoupled λ=0.05", [*over, "sparsity.regularization_form=decoupled", "sparsity.regularization=0.05"])
+    setting(f"d_{name}_restart", "default", f"{name}, per-entry restart", [*over, "sparsity.moment_restart=per_entry"])
 
 
 def run_dir(root: Path, name: str, seed: int) -> Path:

@@ -42,7 +42,7 @@ class CollapseWatch:
         self.method, self.window, self.stop, self.log_every = method, window, bool(stop), log_every
         self.warned = False
         self.armed = False
-        self.since: dict[str, int] = {}  # sign -> first step of its current streak
+        self.since: dict[str, int] = {}  # sign -> the log step its current streak was first seen at
         self.dead: dict[str, bool] = {}  # layer name -> outputs <= 0 at the last probe
         self._hooks = []
         if window is not None:
@@ -73,8 +73,9 @@ class CollapseWatch:
             if not on:
                 self.since.pop(sign, None)
             else:
-                self.since.setdefault(sign, step - self.log_every)
-        lasting = [s for s, first in self.since.items() if step - first >= self.window]
+                self.since.setdefault(sign, step)
+        # a streak first seen at step s may have begun right after the log step before it
+        lasting = [s for s, first in self.since.items() if step - first + self.log_every >= self.window]
         if not lasting:
             return None
         self.warned = True
@@ -88,7 +89,7 @@ class CollapseWatch:
         m = self.method
         dead = sorted((s for s in lasting if s != "loss"), key=self.since.get)
         if dead:
-            what = (f"collapse at step {step}: layer {', '.join(dead)} has output only values <= 0 since step "
+            what = (f"collapse at step {step}: layer {', '.join(dead)} outputs only values <= 0 since step "
                     f"{min(self.since[s] for s in dead)} (the ReLUs after it are all dead; nothing behind it learns)")
         else:
             what = (f"collapse at step {step}: the training loss has stayed at chance level since step "
