@@ -28,8 +28,8 @@ COMMON = ["trainer.threads=1", "trainer.progress=false", "trainer.tensorboard=fa
           "trainer.eval_every=null", "trainer.checkpoint_every=null"]
 
 TK = "sparsity=topkast"
-# main's behaviour, whatever the defaults become
-OLD: list[str] = []
+# main's behaviour, whatever the defaults become (a later override of the same key wins)
+OLD = ["sparsity.regularization_form=coupled", "sparsity.regularization=0.005", "sparsity.moment_restart=zero"]
 
 
 def tk(forward: float, backward: float, *more: str) -> list[str]:
@@ -96,9 +96,42 @@ for name, over in (("tk90", tk(0.9, 0.8, *OLD)), ("tk95", tk(0.95, 0.9, *OLD)),
     setting(f"d_{name}_dec", "default", f"{name}, decoupled λ=0.05", [*over, "sparsity.regularization_form=decoupled", "sparsity.regularization=0.05"])
     setting(f"d_{name}_restart", "default", f"{name}, per-entry restart", [*over, "sparsity.moment_restart=per_entry"])
 
+setting("d_set95_dec_restart", "default", "set95, decoupled + per-entry restart",
+        ["sparsity=set", "sparsity.forward=0.95", *OLD, *DEC, "sparsity.moment_restart=per_entry"])
+setting("d_set95_dec_cosine", "default", "set95, decoupled + drop share decaying along a cosine",
+        ["sparsity=set", "sparsity.forward=0.95", *OLD, *DEC, "sparsity.decay=cosine"])
+setting("d_rigl95_dec_restart", "default", "rigl95, decoupled + per-entry restart",
+        ["sparsity=rigl", "sparsity.forward=0.95", *OLD, *DEC, "sparsity.moment_restart=per_entry"])
+
+
+HEADER = """# Ablations: accuracy at high sparsity (issue 13)
+
+Measured on {machine} (shared, two runs at a time, one thread each), {date}, with
+`python -m bench.ablation --table bench/results/ablation_mnist1d.md` (runs that exist are
+not run again). Final held-out accuracy (%) after the last step, mean ± std over seeds
+{seeds}; `min` is the worst seed.
+
+- **bench**: the bench CNN of `bench/accuracy.py` (cnn1d, 64 channels, MNIST-1D, Adam 1e-2,
+  1500 steps). Dense: see `dense`.
+- **default**: `topkast train`'s defaults (cnn1d, 25 channels, 6000 steps).
+- Every row states its overrides relative to main's defaults (coupled λ = 0.005, zero
+  restart of Adam moments, uniform density, refresh every 25 steps, exploration 0.8).
+  Settings named `*_dec*` use the decoupled penalty with λ = 0.05.
+
+"""
+
 
 def run_dir(root: Path, name: str, seed: int) -> Path:
     return root / name / f"seed{seed}"
+
+
+def last_wins(overrides: list[str]) -> list[str]:
+    """Each key once, with its last value (Hydra refuses a key given twice)."""
+    by_key = {}
+    for o in overrides:
+        by_key.pop(o.split("=", 1)[0], None)
+        by_key[o.split("=", 1)[0]] = o
+    return list(by_key.values())
 
 
 def train(root: Path, name: str, seed: int) -> dict | None:
@@ -106,7 +139,7 @@ def train(root: Path, name: str, seed: int) -> dict | None:
     out = run_dir(root, name, seed)
     summary = out / "summary.json"
     if not summary.exists():
-        args = [*(BENCH if task == "bench" else DEFAULT), *overrides, *COMMON, f"seed={seed}", f"hydra.run.dir={out}"]
+        args = last_wins([*(BENCH if task == "bench" else DEFAULT), *overrides, *COMMON, f"seed={seed}", f"hydra.run.dir={out}"])
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, "-m", "topkast_cli", "train", *args], env=env, capture_output=True, text=True)
         if done.returncode not in (0, 1):
@@ -166,10 +199,9 @@ def main() -> None:
     text = table(root, names, seeds)
     print(text)
     if args.table:
-        head = (f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, one thread per run; "
-                f"{time.strftime('%Y-%m-%d')}.\n\n")
-        Path(args.table).write_text(head + text)
-
+        Path(args.table).write_text(HEADER.format(
+            machine=f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
+            date=time.strftime("%Y-%m-%d"), seeds=args.seeds) + text)
 
 if __name__ == "__main__":
     main()
