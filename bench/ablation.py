@@ -123,6 +123,11 @@ not run again). Final held-out accuracy (%) after the last step, mean ± std ove
 
 def run_dir(root: Path, name: str, seed: int) -> Path:
     return root / name / f"seed{seed}"
+setting("d_tk90_dec_cosine", "default", "tk90, decoupled + cosine λ", [*tk(0.9, 0.8, *OLD), *DEC, "sparsity.regularization_schedule=cosine"])
+for m in ("rigl", "set"):
+    for f in (0.9, 0.95):
+        setting(f"{m}{round(f * 100)}_base", "bench", f"{m} {f:g}, defaults of main", [f"sparsity={m}", f"sparsity.forward={f}", *OLD])
+        setting(f"{m}{round(f * 100)}_dec", "bench", f"{m} {f:g}, decoupled λ=0.05", [f"sparsity={m}", f"sparsity.forward={f}", *OLD, *DEC])
 
 
 def last_wins(overrides: list[str]) -> list[str]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .base import OPTIMIZER_KEYS, SparsityMethod
+from .base import SparsityMethod
 
 
 class Dense(SparsityMethod):
     name = "dense"
-    resume_may_change = OPTIMIZER_KEYS  # no sparse layer: no backend to choose
+    resume_may_change = ("regularization",)  # no sparse layer: no backend to choose
 
     def __init__(self):
         super().__init__(forward=0.0, backward=0.0)
