@@ -76,12 +76,15 @@ for f, b in ((0.9, 0.8), (0.95, 0.9)):
     setting(f"{p}_dec_keep", "bench", "decoupled + keep every unit", [*base, "sparsity.keep_units=true"])
     setting(f"{p}_dec_erk", "bench", "decoupled + ERK", [*base, "sparsity.distribution=erk"])
     setting(f"{p}_dec_lamcos", "bench", "decoupled + cosine λ", [*base, "sparsity.regularization_schedule=cosine"])
+    setting(f"{p}_dec0.2_lamcos", "bench", "decoupled λ=0.2 + cosine λ", [*tk(f, b, *OLD), "sparsity.regularization_form=decoupled",
+                                                                        "sparsity.regularization=0.2", "sparsity.regularization_schedule=cosine"])
     setting(f"{p}_dec_refresh100", "bench", "decoupled + refresh every 100", [*base, "sparsity.refresh_interval=100"])
     setting(f"{p}_dec_refresh5", "bench", "decoupled + refresh every 5", [*base, "sparsity.refresh_interval=5"])
     setting(f"{p}_dec_explorenull", "bench", "decoupled + explore the whole run", [*base, "sparsity.exploration_steps=null"])
 setting("tk95_dec_bwd0.8", "bench", "decoupled + backward density 4x forward", [*tk(0.95, 0.8, *OLD), *DEC])
 setting("tk90_dec_bwd0.6", "bench", "decoupled + backward density 4x forward", [*tk(0.9, 0.6, *OLD), *DEC])
 setting("tk80_dec", "bench", "decoupled penalty λ=0.05", [*tk(0.8, 0.6, *OLD), *DEC])
+setting("tk80_dec_lamcos", "bench", "decoupled + cosine λ", [*tk(0.8, 0.6, *OLD), *DEC, "sparsity.regularization_schedule=cosine"])
 setting("tk90_bwd0.6", "bench", "backward density 4x forward", tk(0.9, 0.6, *OLD))
 setting("tk95_bwd0.8", "bench", "backward density 4x forward", tk(0.95, 0.8, *OLD))
 
@@ -124,6 +127,10 @@ not run again). Final held-out accuracy (%) after the last step, mean ± std ove
 def run_dir(root: Path, name: str, seed: int) -> Path:
     return root / name / f"seed{seed}"
 setting("d_tk90_dec_cosine", "default", "tk90, decoupled + cosine λ", [*tk(0.9, 0.8, *OLD), *DEC, "sparsity.regularization_schedule=cosine"])
+setting("d_tk95_dec_cosine", "default", "tk95, decoupled + cosine λ", [*tk(0.95, 0.9, *OLD), *DEC, "sparsity.regularization_schedule=cosine"])
+for f, b in ((0.9, 0.8), (0.95, 0.9)):
+    setting(f"d_tk{round(f * 100)}_dec0.2", "default", f"tk{round(f * 100)}, decoupled λ=0.2",
+            [*tk(f, b, *OLD), "sparsity.regularization_form=decoupled", "sparsity.regularization=0.2"])
 for m in ("rigl", "set"):
     for f in (0.9, 0.95):
         setting(f"{m}{round(f * 100)}_base", "bench", f"{m} {f:g}, defaults of main", [f"sparsity={m}", f"sparsity.forward={f}", *OLD])
