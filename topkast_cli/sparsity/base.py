@@ -455,8 +455,6 @@ class SparsityMethod:
         """λ/2 · Σ s⊙θ², summed over layers (its gradient is the one applied); None if λ = 0."""
         if not self.layers or self.regularization_scale == 0.0:
             return None
-        if self.regularization_form == "decoupled":
-            return None  # no loss term: θ is shrunk directly
         total = 0.0
         for layer in self.layers:
             a, b = self.regularizer_weights(layer)
