@@ -452,7 +452,8 @@ class SparsityMethod:
 
     @torch.no_grad()
     def regularization(self) -> float | None:
-        """λ/2 · Σ s⊙θ², summed over layers (its gradient is the one applied); None if λ = 0."""
+        """λ/2 · Σ s⊙θ², summed over layers (coupled: its gradient is added; decoupled: lr x its
+        gradient is taken off θ); None if λ = 0."""
         if not self.layers or self.regularization_scale == 0.0:
             return None
         total = 0.0
