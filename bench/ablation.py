@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .accuracy import TASKS
+from .common import header
 
 BENCH = TASKS["mnist1d"][1]
 DEFAULT: list[str] = []  # `topkast train` as it comes: cnn1d 25 channels, 6000 steps
@@ -133,9 +132,7 @@ VERDICTS = {
     "d_rigl95_base": "main: seed 2 collapses", "d_set95_base": "main: seed 2 collapses", "dense": "reference", "d_dense": "reference",
 }
 
-HEADER = """# Ablations: accuracy at high sparsity (issue 13)
-
-Measured on {machine} (shared, two runs at a time, one thread each), {date}, with
+HEADER = """Measured two runs at a time, one thread each, on a shared machine, with
 `python -m bench.ablation --table bench/results/ablation_mnist1d.md` (runs that exist are
 not run again). Final held-out accuracy (%) after the last step, mean ± std over seeds
 {seeds}; `min` is the worst seed.
@@ -240,9 +237,8 @@ def main() -> None:
     text = table(root, names, seeds)
     print(text)
     if args.table:
-        Path(args.table).write_text(HEADER.format(
-            machine=f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
-            date=time.strftime("%Y-%m-%d"), seeds=args.seeds) + text)
+        Path(args.table).write_text(header("Ablations: accuracy at high sparsity (issue 13)")
+                                    + HEADER.format(seeds=args.seeds) + text)
 
 if __name__ == "__main__":
     main()
