@@ -110,7 +110,8 @@ def step(model, method, optimizer, i):
     method.before_forward(i)
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
-    method.after_backward(i, optimizer)
+    method.after_backward(i)
+    method.before_step(i, optimizer)
     optimizer.step()
     return method.after_step(i + 1, optimizer)
 

@@ -40,7 +40,8 @@ def first_step_of_reentered_entries(restart: str, backend: str = "masked"):
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     moved = grad_of(layer).abs() > 1e-4  # (eps = 1e-8 is negligible next to these)
-    method.after_backward(30, optimizer)
+    method.after_backward(30)
+    method.before_step(30, optimizer)
     optimizer.step()
     delta = (layer.theta.detach() - before).abs()
     return delta[out & moved], lr
@@ -69,7 +70,8 @@ def test_decoupled_penalty_shrinks_theta_by_lr_lambda_s_and_leaves_the_gradient(
     F.cross_entropy(model(x), y).backward()
     plain = [grad_of(l).clone() for l in method.layers]
     before = [l.theta.detach().clone() for l in method.layers]
-    method.after_backward(0, optimizer)
+    method.after_backward(0)
+    method.before_step(0, optimizer)
     for layer, g0, theta in zip(method.layers, plain, before):
         assert torch.equal(grad_of(layer), g0), "the decoupled form adds no gradient"
         a, b, d = layer.forward, layer.backward, layer.density
@@ -102,7 +104,8 @@ def test_decoupled_penalty_alone_moves_b_only():
     layer = method.layers[0]
     theta = layer.theta.detach().clone()
     layer.theta.grad = torch.zeros_like(layer.theta)
-    method.after_backward(0, optimizer)
+    method.after_backward(0)
+    method.before_step(0, optimizer)
     b = layer.backward
     assert torch.equal(layer.theta.detach()[~b], theta[~b])
     assert bool((layer.theta.detach()[b].abs() < theta[b].abs()).all())

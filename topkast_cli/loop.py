@@ -66,13 +66,14 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, params: list) -> tupl
         optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.unscale_(optimizer)
-        method.after_backward(run.step, optimizer)
+        method.after_backward(run.step)
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         finite = run.scaler.is_enabled() or grads_finite(params)
         if not finite and not t.skip_nonfinite:
             raise RunFailed(diverged(run, "the gradients are not finite"))
         if finite:
+            method.before_step(run.step, optimizer)
             run.scaler.step(optimizer)  # (fp16: skipped by the scaler itself on inf)
         run.scaler.update()
     if not finite:

@@ -5,8 +5,8 @@ A trainer uses a method only through this interface, in this order each step:
 
     method.before_forward(step)         # e.g. ask for dense gradients at a RigL update
     loss.backward()                     # (AMP: after unscaling the gradients)
-    method.after_backward(step, optimizer)  # gradients final: regulariser, gradient capture,
-                                            # Adam moments of entries new to B
+    method.after_backward(step)         # gradients are final: regulariser, gradient capture
+    method.before_step(step, optimizer) # (a step that is taken) decoupled regulariser, Adam restart
     optimizer.step()
     changed = method.after_step(step + 1, optimizer)   # masks may change here
 
@@ -419,23 +419,32 @@ class SparsityMethod:
         """Called before the forward pass of optimizer step `step`."""
 
     @torch.no_grad()
-    def after_backward(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Called when the gradients of step `step` are final (unscaled), before clipping and
-        the optimizer step. Applies the regulariser λ·s⊙θ, s = a·1_A + b·1_B
-        (`regularizer_weights`), from the layer's bool masks (no per-layer tensor for s): as a
-        gradient (`coupled`) or as a shrink of θ by the layer's lr (`decoupled`). Then, with
-        `moment_restart=per_entry`, entries with fresh Adam moments get them from this gradient."""
+    def after_backward(self, step: int) -> None:
+        """Called when the gradients of step `step` are final (unscaled), before clipping.
+        `coupled`: adds the regulariser's gradient λ·s⊙θ, s = a·1_A + b·1_B
+        (`regularizer_weights`), in place from the layer's bool masks: no per-layer tensor for s."""
         lam = self.regularization_at(step)
-        if lam:
-            rates = _learning_rates(optimizer) if self.regularization_form == "decoupled" else {}
+        if not lam or self.regularization_form != "coupled":
+            return
+        for layer in self.layers:
+            a, b = self.regularizer_weights(layer)
+            layer.regularize(lam * a, lam * b)
+
+    @torch.no_grad()
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called right before the optimizer takes step `step + 1` (not for a skipped step),
+        after clipping. `decoupled`: θ shrinks by lr·λ·s⊙θ on B (AdamW's order: decay, then
+        the update). `moment_restart=per_entry`: entries with fresh Adam moments get them from
+        this gradient."""
+        lam = self.regularization_at(step)
+        if lam and self.regularization_form == "decoupled":
+            rates = _learning_rates(optimizer)
             for layer in self.layers:
-                a, b = self.regularizer_weights(layer)
-                if self.regularization_form == "coupled":
-                    layer.regularize(lam * a, lam * b)
-                elif id(layer.trained) in rates:
-                    lr = rates[id(layer.trained)]
+                lr = rates.get(id(layer.trained))
+                if lr:
+                    a, b = self.regularizer_weights(layer)
                     layer.decay(lr * lam * a, lr * lam * b)
-        if self.moment_restart == "per_entry" and optimizer is not None:
+        if self.moment_restart == "per_entry":
             for layer in self.layers:
                 restart_moments(optimizer, layer.trained)
 

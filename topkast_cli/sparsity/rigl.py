@@ -39,7 +39,7 @@ class RigL(DynamicSparse):
         self.capturing = False
 
     @torch.no_grad()
-    def after_backward(self, step: int, optimizer=None) -> None:
+    def after_backward(self, step: int) -> None:
         if self.capturing:
             for layer in self.layers:
                 grad = layer.theta.grad
@@ -47,7 +47,7 @@ class RigL(DynamicSparse):
                     self.scores[layer.name] = grad.abs()
                     grad.mul_(layer.backward)
             self._close()
-        super().after_backward(step, optimizer)
+        super().after_backward(step)
 
     def after_step(self, step: int, optimizer=None) -> bool:
         if self.capturing:  # the step was skipped before its gradients were final
