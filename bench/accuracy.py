@@ -20,7 +20,8 @@ SPARSITIES = "0.8,0.9,0.95"
 SEEDS = "0,1,2"
 # name: (title, overrides); every method keeps its own defaults (Top-KAST: backward density
 # 2x forward, masks locked after 80% of the run; RigL/SET: updates every 100 steps until 75%;
-# GMP: prunes from 10% to 75% of the run) and the same regulariser λ = 5e-3.
+# GMP: prunes from 10% to 75% of the run) and its own regulariser (Top-KAST, RigL, SET:
+# decoupled, λ = 0.05; static, GMP: coupled L2, λ = 0.005).
 TASKS = {
     "mnist1d": ("MNIST-1D, 1-D CNN (cnn1d, 64 channels), Adam lr 1e-2, 1500 steps",
                 ["model=cnn1d", "model.channels=64", "dataset=mnist1d", "trainer.max_steps=1500"]),

@@ -111,6 +111,7 @@ def step(model, method, optimizer, i):
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     method.after_backward(i)
+    method.before_step(i, optimizer)
     optimizer.step()
     return method.after_step(i + 1, optimizer)
 

@@ -13,12 +13,14 @@ from topkast_cli.sparsity import Dense, SparsityMethod, TopKAST, default_backwar
 
 CONF = Path(topkast_cli.__file__).parent / "conf" / "sparsity"
 
+# The keys that only shape the optimizer steps to come may change on resume for every method.
+OPTIMIZER = {"regularization", "regularization_form", "regularization_schedule", "moment_restart", "backend"}
 EXPECTED = {  # display_name, backward_is_forward, backward_rule, resume_may_change
-    "topkast": ("topkast", False, "2x density", {"refresh_interval", "exploration_steps", "regularization", "backend"}),
-    "static": ("static", True, "-", {"regularization", "backend"}),
-    "set": ("set", True, "-", {"update_interval", "end_steps", "drop_fraction", "decay", "regularization", "backend"}),
-    "rigl": ("rigl", True, "-", {"update_interval", "end_steps", "drop_fraction", "decay", "regularization", "backend"}),
-    "gmp": ("gmp", True, "-", {"prune_interval", "regularization", "backend"}),
+    "topkast": ("topkast", False, "2x density", {"refresh_interval", "exploration_steps", "keep_units", *OPTIMIZER}),
+    "static": ("static", True, "-", OPTIMIZER),
+    "set": ("set", True, "-", {"update_interval", "end_steps", "drop_fraction", "decay", *OPTIMIZER}),
+    "rigl": ("rigl", True, "-", {"update_interval", "end_steps", "drop_fraction", "decay", *OPTIMIZER}),
+    "gmp": ("gmp", True, "-", {"prune_interval", *OPTIMIZER}),
     "dense": ("dense", True, "-", {"regularization"}),
 }
 

@@ -27,7 +27,7 @@ def test_console_script_writes_the_run_directory_contract(tmp_path):
     first = sparsity[0]
     assert abs(first["forward_density"] - 0.1) < 0.01 and abs(first["backward_density"] - 0.2) < 0.01
     layer = next(iter(first["layers"].values()))
-    assert set(layer) == {"numel", "forward_density", "backward_density", "churn"}
+    assert set(layer) == {"numel", "forward_density", "backward_density", "churn", "promotions"}
     assert [r["step"] for r in sparsity] == sorted(r["step"] for r in sparsity)
 
     metrics = read_jsonl(run_dir / "metrics.jsonl")

@@ -220,11 +220,12 @@ def _validate(cfg: DictConfig) -> None:
     _check("trainer.checkpoint_every", t.checkpoint_every, int, lo=1, none_ok=True)
     _check("trainer.grad_clip", t.grad_clip, float, lo=0, lo_open=True, none_ok=True)
     _check("trainer.label_smoothing", t.label_smoothing, float, lo=0, hi=0.99)
+    _check("trainer.collapse_window", t.get("collapse_window"), int, lo=1, none_ok=True)
     if str(t.precision) not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
     if not isinstance(t.device, str) or not (t.device in ("auto", "cpu") or t.device.split(":")[0] in ("cuda", "mps")):
         raise UserError(f"trainer.device={t.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
-    for key in ("deterministic", "progress", "tensorboard", "skip_nonfinite", "channels_last", "compile"):
+    for key in ("deterministic", "progress", "tensorboard", "skip_nonfinite", "channels_last", "compile", "collapse_stop"):
         if not isinstance(t.get(key, False), bool):
             raise UserError(f"trainer.{key}={t.get(key)!r} must be true or false")
     if cfg.resume is not None and not isinstance(cfg.resume, str):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import save_run
 from .errors import RunFailed
+from .health import CollapseWatch
 from .run import Run
 from .run_logs import RunLogs
 from .signals import StopSignals
@@ -79,6 +80,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, params: list) -> tupl
         if not finite and not t.skip_nonfinite:
             raise RunFailed(diverged(run, "the gradients are not finite"))
         if finite:
+            method.before_step(run.step, optimizer)
             run.scaler.step(optimizer)  # (fp16: skipped by the scaler itself on inf)
         run.scaler.update()
     if not finite:
@@ -102,6 +104,8 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
     postfix = {"density": f"{method.report(run.step)['forward_density']:.3f}"}
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step",
                disable=not (t.progress and world.main), dynamic_ncols=True)
+    health = CollapseWatch(method, t.get("collapse_window"), t.get("collapse_stop", False), t.log_every,
+                           all_max=(lambda flags: distributed.all_max(flags, world)) if world.active else None)
     model.train()
     while run.step < run.total_steps:
         epoch, offset = divmod(run.step, spe)
@@ -109,6 +113,7 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
             x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
             if run.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            health.before_step(run.step)
             out, finite, changed = train_step(run, x, y, params)
             if world.active:  # every rank stops after the same step
                 stop.agree(lambda flags: distributed.all_max(flags, world))
@@ -135,6 +140,9 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
                 if run.skipped_steps:
                     train["skipped_steps"] = run.skipped_steps
                 logs.scalars("train", train, run.step)
+                if logs.tb is not None:
+                    logs.histograms("sparsity/magnitude", method.magnitudes(), run.step)
+                health.check(run.step, train["loss"], out)
                 running, seen, tick = None, 0, now
                 postfix.update(loss=f"{train['loss']:.3f}", **{task.metric: f"{train[task.metric]:.1f}"})
             if (t.eval_every and run.step % t.eval_every == 0) or last:
@@ -159,6 +167,7 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
                 checkpoint(run, logs, stop)
         if stop.received is not None:
             break
+    health.close()
     bar.close()
     return "interrupted" if stop.received is not None else "completed"
 
@@ -167,7 +176,7 @@ def checkpoint(run: Run, logs: RunLogs, stop: StopSignals) -> None:
     """last.ckpt and the logs on disk (rank 0; the others wait until it is written, so none
     exits before it); then chained signals (e.g. submitit's requeue) go on."""
     save_run(run, "last.ckpt")
-    logs.flush()
+    logs.flush(run.step)
     distributed.barrier(run.world)
     stop.pass_on()
 

@@ -102,6 +102,10 @@ class RunLogs:
         self.metrics = JsonlLog(self.run_dir / "metrics.jsonl", resume_step, write)
         self.sparsity = JsonlLog(self.run_dir / "sparsity.jsonl", resume_step, write)
         self.tb = None
+        self.churn: dict[str, list[float]] = {}  # layer -> churn at each refresh (the churn image)
+        for record in read_jsonl(self.sparsity.path) if write and resume_step is not None else ():
+            for name, layer in record.get("layers", {}).items():
+                self.churn.setdefault(name, []).append(layer.get("churn", 0.0))
         if tensorboard and write:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -132,7 +136,34 @@ class RunLogs:
             kept = sum(l["numel"] * l["forward_density"] for l in layers.values())
             self.scalars("sparsity", {"churn": churn / max(kept, 1)}, step)
         for name, layer in layers.items():
-            self.scalars(f"sparsity/{name}", {k: layer[k] for k in ("forward_density", "backward_density", "churn")}, step)
+            keys = ("forward_density", "backward_density", "churn", "promotions")
+            self.scalars(f"sparsity/{name}", {k: layer[k] for k in keys if k in layer}, step)
+            self.churn.setdefault(name, []).append(layer["churn"])
+
+    def histograms(self, prefix: str, values: dict, step: int) -> None:
+        """One TensorBoard histogram per tensor of `values` (empty ones are skipped)."""
+        if self.tb is None:
+            return
+        for key, tensor in values.items():
+            if tensor.numel():
+                self.tb.add_histogram(f"{prefix}/{key}", tensor, step)
+
+    def churn_image(self, step: int) -> None:
+        """Per-layer churn over time as an image (a row per layer, a column per refresh, up to
+        the last 1000; colour: churn / the image's largest churn)."""
+        if self.tb is None or not self.churn:
+            return
+        import numpy as np
+        from matplotlib import colormaps
+
+        width = max(len(v) for v in self.churn.values())
+        grid = np.zeros((len(self.churn), min(width, 1000)))
+        for row, values in enumerate(self.churn.values()):
+            values = values[-grid.shape[1]:]
+            grid[row, : len(values)] = values
+        grid = grid / max(grid.max(), 1e-12)
+        rgb = colormaps["viridis"](np.repeat(grid, 8, axis=0))[..., :3]  # 8 pixels per layer
+        self.tb.add_image("sparsity/churn", rgb, step, dataformats="HWC")
 
     def log_hparams(self, hparams: dict, metrics: list[str]) -> None:
         """Hyperparameters for TensorBoard's HPARAMS view, written into this run's own event
@@ -156,8 +187,10 @@ class RunLogs:
 
         self.tb._get_file_writer().add_summary(hparams_summaries({}, {})[2])
 
-    def flush(self) -> None:
+    def flush(self, step: int | None = None) -> None:
         if self.tb is not None:
+            if step is not None:
+                self.churn_image(step)
             self.tb.flush()
 
     def close(self) -> None:

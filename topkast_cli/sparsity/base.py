@@ -6,6 +6,7 @@ A trainer uses a method only through this interface, in this order each step:
     method.before_forward(step)         # e.g. ask for dense gradients at a RigL update
     loss.backward()                     # (AMP: after unscaling the gradients)
     method.after_backward(step)         # gradients are final: regulariser, gradient capture
+    method.before_step(step, optimizer) # (a step that is taken) decoupled regulariser, Adam restart
     optimizer.step()
     changed = method.after_step(step + 1, optimizer)   # masks may change here
 
@@ -13,6 +14,8 @@ A trainer uses a method only through this interface, in this order each step:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -26,6 +29,19 @@ from .schedule import MaskSchedule
 from .selection import select_sparse_layers
 
 BACKENDS = ("masked", "sparse", "auto")
+# How the regulariser meets the optimizer: its gradient added before the step (`coupled`, an
+# L2 that Adam then normalises), or θ shrunk by lr·λ·s⊙θ right before the step (`decoupled`,
+# as AdamW's weight decay).
+REGULARIZATION_FORMS = ("coupled", "decoupled")
+# λ over the run: `constant`, or `cosine` from λ to 0 at the last step.
+REGULARIZATION_SCHEDULES = ("constant", "cosine")
+# Adam moments of an entry that (re-)enters B: `zero` (its first steps are then about
+# 1/sqrt(1-β2)·(1-β1) ≈ 3x lr, bias correction using the global step), or `per_entry`: set
+# from its first gradient so that its first step is exactly lr·sign(g), as a per-entry bias
+# correction would make it.
+MOMENT_RESTARTS = ("zero", "per_entry")
+# Keys that only shape the optimizer steps still to come: they may change on resume.
+OPTIMIZER_KEYS = ("regularization", "regularization_form", "regularization_schedule", "moment_restart")
 
 
 class SparseLayer:
@@ -45,6 +61,7 @@ class SparseLayer:
         self.k_forward = k_forward
         self.k_backward = k_backward
         self.churn = 0.0  # share of A that changed at the last mask update
+        self.promotions = 0.0  # share of A that was in B \\ A before the last mask update
         # masks start empty (no entry in A or B)
         self._compute: MaskedWeight | SparseLinearWeight = attach_sparse(module) if backend == "sparse" else attach(module)
 
@@ -122,6 +139,9 @@ class SparseLayer:
             # (count_nonzero: a bool `.sum()` first casts the whole mask to int64)
             sizes = int(torch.count_nonzero(old_forward)) + int(torch.count_nonzero(forward))
             self.churn = float(torch.count_nonzero(forward ^ old_forward)) / max(1, sizes)
+            # promotions: the candidates (B \\ A) that earned their way into A
+            candidates = self.backward & ~old_forward
+            self.promotions = float(torch.count_nonzero(forward & candidates)) / max(1, int(torch.count_nonzero(forward)))
         if backward is not forward and torch.equal(backward, forward):
             backward = forward  # B = A: one shared mask
         # The compute side installs them: entries leaving B freeze (their optimizer state is
@@ -149,6 +169,18 @@ class SparseLayer:
     def regularize(self, a: float, b: float) -> None:
         """Add a·θ on A and b·θ on B to the gradient of the trained tensor."""
         self._compute.regularize(dense_parameter(self.module), a, b)
+
+    def decay(self, a: float, b: float) -> None:
+        """θ -= a·θ on A and b·θ on B, in place (the decoupled regulariser); outside B
+        nothing changes."""
+        self._compute.decay(dense_parameter(self.module), a, b)
+
+    @torch.no_grad()
+    def magnitudes(self) -> dict[str, torch.Tensor]:
+        """|θ| of the entries in A, in B \\ A and outside B (flat tensors, for histograms)."""
+        theta = self.theta.detach().abs()
+        forward, backward = self.forward, self.backward
+        return {"A": theta[forward], "B-A": theta[backward & ~forward], "outside_B": theta[~backward]}
 
     def held(self) -> dict[str, list[torch.Tensor]]:
         """The tensors the compute side holds by kind (`masks`; `index`: the sparse backend's
@@ -192,7 +224,7 @@ class SparsityMethod:
     backward_is_forward = True
     # Config keys (under `sparsity.`) that may differ when a run is resumed: the rest must match.
     # The backend always may: checkpoints do not depend on it.
-    resume_may_change: tuple[str, ...] = ("regularization", "backend")
+    resume_may_change: tuple[str, ...] = ("backend", *OPTIMIZER_KEYS)
     # Needs ∂L/∂α of every weight at some steps (RigL's growth): only the masked backend has it.
     needs_dense_gradient = False
     # When masks change (None: never). Subclasses that change masks set one in __init__.
@@ -208,6 +240,9 @@ class SparsityMethod:
         include_embeddings: bool = False,
         regularization: float = 0.0,
         backend: str = "masked",
+        regularization_form: str = "coupled",
+        regularization_schedule: str = "constant",
+        moment_restart: str = "zero",
     ):
         self.forward_sparsity = _check_fraction("sparsity.forward", forward)
         self.backward_given = backward  # as configured (None: the rule)
@@ -229,6 +264,15 @@ class SparsityMethod:
         if backend not in BACKENDS:
             raise UserError(f"sparsity.backend={backend!r} is not known; allowed: {', '.join(BACKENDS)}")
         self.backend = backend
+        for key, value, allowed in (("regularization_form", regularization_form, REGULARIZATION_FORMS),
+                                    ("regularization_schedule", regularization_schedule, REGULARIZATION_SCHEDULES),
+                                    ("moment_restart", moment_restart, MOMENT_RESTARTS)):
+            if value not in allowed:
+                raise UserError(f"sparsity.{key}={value!r} is not known; allowed: {', '.join(allowed)}")
+        self.regularization_form = regularization_form
+        self.regularization_schedule = regularization_schedule
+        self.moment_restart = moment_restart
+        self.total_steps = None
         self.backend_notes: dict[str, str] = {}  # layer -> why `auto` chose its backend
         self.layers: list[SparseLayer] = []
 
@@ -377,13 +421,39 @@ class SparsityMethod:
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
         """Called when the gradients of step `step` are final (unscaled), before clipping.
-        Adds the regulariser's gradient λ·s⊙θ, s = a·1_A + b·1_B (`regularizer_weights`),
-        in place from the layer's bool masks: no per-layer tensor for s."""
-        if self.regularization_scale == 0.0:
+        `coupled`: adds the regulariser's gradient λ·s⊙θ, s = a·1_A + b·1_B
+        (`regularizer_weights`), in place from the layer's bool masks: no per-layer tensor for s."""
+        lam = self.regularization_at(step)
+        if not lam or self.regularization_form != "coupled":
             return
         for layer in self.layers:
             a, b = self.regularizer_weights(layer)
-            layer.regularize(self.regularization_scale * a, self.regularization_scale * b)
+            layer.regularize(lam * a, lam * b)
+
+    @torch.no_grad()
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called right before the optimizer takes step `step + 1` (not for a skipped step),
+        after clipping. `decoupled`: θ shrinks by lr·λ·s⊙θ on B (AdamW's order: decay, then
+        the update). `moment_restart=per_entry`: entries with fresh Adam moments get them from
+        this gradient."""
+        lam = self.regularization_at(step)
+        if lam and self.regularization_form == "decoupled":
+            rates = _learning_rates(optimizer)
+            for layer in self.layers:
+                lr = rates.get(id(layer.trained))
+                if lr:
+                    a, b = self.regularizer_weights(layer)
+                    layer.decay(lr * lam * a, lr * lam * b)
+        if self.moment_restart == "per_entry":
+            for layer in self.layers:
+                restart_moments(optimizer, layer.trained)
+
+    def regularization_at(self, step: int) -> float:
+        """λ at step `step` (the schedule over the run's `total_steps`)."""
+        lam = self.regularization_scale
+        if self.regularization_schedule == "cosine" and lam and self.total_steps:
+            lam *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / self.total_steps)))
+        return lam
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Called after optimizer step number `step` (1-based). Returns True if masks changed."""
@@ -391,7 +461,8 @@ class SparsityMethod:
 
     @torch.no_grad()
     def regularization(self) -> float | None:
-        """λ/2 · Σ s⊙θ², summed over layers (its gradient is the one applied); None if λ = 0."""
+        """λ/2 · Σ s⊙θ², summed over layers (coupled: its gradient is added; decoupled: lr x its
+        gradient is taken off θ); None if λ = 0."""
         if not self.layers or self.regularization_scale == 0.0:
             return None
         total = 0.0
@@ -449,6 +520,20 @@ class SparsityMethod:
             layer.use_dense_weights(dense)
 
     # -------------------------------------------------------------- reporting
+    @torch.no_grad()
+    def magnitudes(self, limit: int = 1 << 16) -> dict[str, torch.Tensor]:
+        """|θ| in A, in B \\ A and outside B over all sparse layers, each a strided sample of at
+        most `limit` values (no RNG drawn), for histograms; empty without sparse layers."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for layer in self.layers:
+            for key, values in layer.magnitudes().items():
+                parts.setdefault(key, []).append(values.float().cpu())
+        out = {}
+        for key, values in parts.items():
+            flat = torch.cat(values)
+            out[key] = flat[:: max(1, -(-flat.numel() // limit))]
+        return out
+
     def report(self, step: int) -> dict:
         """The sparsity record (one line of sparsity.jsonl), measured from the masks."""
         layers, n, nf, nb = {}, 0, 0, 0
@@ -459,6 +544,7 @@ class SparsityMethod:
                 "forward_density": f / layer.numel,
                 "backward_density": b / layer.numel,
                 "churn": layer.churn,
+                "promotions": layer.promotions,
             }
             n, nf, nb = n + layer.numel, nf + f, nb + b
         return {
@@ -479,6 +565,7 @@ class SparsityMethod:
             "method": self.name,
             "masks": {l.name: {"forward": l.forward.cpu(), "backward": l.backward.cpu()} for l in self.layers},
             "churn": {l.name: l.churn for l in self.layers},
+            "promotions": {l.name: l.promotions for l in self.layers},
             "extra": self.extra_state(),
         }
 
@@ -501,6 +588,7 @@ class SparsityMethod:
             except ValueError as e:
                 raise UserError(f"checkpoint masks do not fit this model: {e}") from None
             layer.churn = state.get("churn", {}).get(layer.name, 0.0)
+            layer.promotions = state.get("promotions", {}).get(layer.name, 0.0)
         self.load_extra_state(state.get("extra") or {})
 
     def extra_state(self) -> dict:
@@ -508,3 +596,39 @@ class SparsityMethod:
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+
+def _learning_rates(optimizer: torch.optim.Optimizer | None) -> dict[int, float]:
+    """The lr of each parameter, by id."""
+    if optimizer is None:
+        return {}
+    return {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+
+
+@torch.no_grad()
+def restart_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
+    """Adam-family state of `param`: the entries whose moments are zero (they just entered B:
+    their state was zeroed or dropped when they left it) but whose gradient is not, get
+    m = g·(1-β1^t) and v = g²·(1-β2^t) after this step (t: the step about to be taken), so the
+    bias-corrected moments are g and g²: a first step of lr·sign(g), as a per-entry bias
+    correction would give, instead of about 3x lr. Others are untouched. No-op for optimizers
+    without `exp_avg`/`exp_avg_sq` (SGD) and before the optimizer's first step."""
+    state = optimizer.state.get(param)
+    grad = param.grad
+    if not state or grad is None or "exp_avg_sq" not in state or "exp_avg" not in state:
+        return
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if m.shape != grad.shape:
+        return
+    fresh = (v == 0) & (grad != 0)
+    if not bool(fresh.any()):
+        return
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    beta1, beta2 = group["betas"]
+    t = float(state["step"]) + 1.0
+    c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
+    # Adam updates m = β1·m0 + (1-β1)·g and v = β2·v0 + (1-β2)·g²: choose m0, v0 for the targets.
+    m.copy_(torch.where(fresh, grad * ((c1 - (1.0 - beta1)) / beta1), m))
+    v.copy_(torch.where(fresh, grad.square() * ((c2 - (1.0 - beta2)) / beta2), v))
+    if "max_exp_avg_sq" in state:  # amsgrad
+        state["max_exp_avg_sq"].copy_(torch.where(fresh, v, state["max_exp_avg_sq"]))

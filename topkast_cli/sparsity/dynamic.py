@@ -9,7 +9,7 @@ import math
 import torch
 
 from ..errors import UserError, check_number
-from .base import SparseLayer, SparsityMethod
+from .base import OPTIMIZER_KEYS, SparseLayer, SparsityMethod
 from .masking import zero_optimizer_state
 from .schedule import MaskSchedule
 from .static import random_mask
@@ -23,7 +23,7 @@ class DynamicSparse(SparsityMethod):
 
     # The schedule and the share replaced only shape the updates still to come (the masks
     # themselves are in the checkpoint): they may change on resume.
-    resume_may_change = ("update_interval", "end_steps", "drop_fraction", "decay", "regularization", "backend")
+    resume_may_change = ("update_interval", "end_steps", "drop_fraction", "decay", "backend", *OPTIMIZER_KEYS)
 
     def __init__(
         self,

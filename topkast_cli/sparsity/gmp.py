@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..errors import UserError
-from .base import SparseLayer, SparsityMethod
+from .base import OPTIMIZER_KEYS, SparseLayer, SparsityMethod
 from .schedule import MaskSchedule
 from .topk import topk_mask
 
@@ -25,7 +25,7 @@ class GMP(SparsityMethod):
     # pruning never regrows, so a window changed halfway through gives a mask path that is
     # neither run's (a later end cannot give back weights already pruned). The interval only
     # decides at which steps that same path is sampled.
-    resume_may_change = ("prune_interval", "regularization", "backend")
+    resume_may_change = ("prune_interval", "backend", *OPTIMIZER_KEYS)
 
     def __init__(
         self,

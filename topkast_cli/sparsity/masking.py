@@ -9,7 +9,7 @@ The masks are stored here, once, as bool tensors (one byte per weight; B = A is 
 tensor). Only their owner, `base.SparseLayer`, reads or changes them: everything else asks
 the layer. This is the `masked` backend; `sparse_linear.SparseLinearWeight` is the `sparse`
 one. Both are compute sides with the same interface (`backend`, `trained`, `install`, `sync`,
-`reload`, `regularize`, `to_dense` / `from_dense`, `pass_dense_gradient`, `detach`), so the
+`reload`, `regularize`, `decay`, `to_dense` / `from_dense`, `pass_dense_gradient`, `detach`), so the
 owner swaps them per layer without the methods or the trainer knowing.
 """
 
@@ -101,6 +101,15 @@ class MaskedWeight(nn.Module):
             theta.grad.addcmul_(theta, self.forward_mask, value=a)
         if b:
             theta.grad.addcmul_(theta, self.backward_mask, value=b)
+
+    @torch.no_grad()
+    def decay(self, theta, a: float, b: float) -> None:
+        """θ -= a·θ on A and b·θ on B (one step of the decoupled regulariser); the shrink is
+        exactly 0 outside B, so frozen entries keep their value bit for bit."""
+        shrink = theta * self.backward_mask * b
+        if a:
+            shrink.addcmul_(theta, self.forward_mask, value=a)
+        theta.sub_(shrink)
 
     def to_dense(self, state: torch.Tensor) -> torch.Tensor:
         """A per-entry tensor of the trained tensor (optimizer state) in θ's shape: as it is."""

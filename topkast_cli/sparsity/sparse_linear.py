@@ -239,6 +239,14 @@ class SparseLinearWeight(nn.Module):
         if b:
             grad.add_(values, alpha=b)
 
+    @torch.no_grad()
+    def decay(self, theta, a: float, b: float) -> None:
+        """values -= a·values on A and b·values on B (A's values come first); only B is held."""
+        values = self.values.detach()  # (shares the version counter: θ syncs from it later)
+        k = self.pattern.k
+        values[:k].mul_(1.0 - a - b)
+        values[k:].mul_(1.0 - b)
+
     def to_dense(self, state: torch.Tensor) -> torch.Tensor:
         """A per-entry tensor of the values (optimizer state) in θ's shape, zero outside B."""
         return self._scatter(state.new_zeros(self.forward_mask.shape), state)

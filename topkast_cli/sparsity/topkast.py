@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from .base import SparseLayer, SparsityMethod
 from .schedule import MaskSchedule
-from .topk import topk_mask, topk_masks
+from .topk import topk_mask, topk_masks, topk_masks_every_row
 
 
 class TopKAST(SparsityMethod):
@@ -26,7 +27,7 @@ class TopKAST(SparsityMethod):
     backward_is_forward = False
     # The refresh period and the exploration length only decide when masks are next
     # recomputed from |θ|, and the lock is kept in the checkpoint: both may change on resume.
-    resume_may_change = ("refresh_interval", "exploration_steps", "regularization", "backend")
+    resume_may_change = ("refresh_interval", "exploration_steps", "keep_units", *SparsityMethod.resume_may_change)
 
     def __init__(
         self,
@@ -35,9 +36,14 @@ class TopKAST(SparsityMethod):
         refresh_interval: int = 25,
         exploration_steps: int | float | None = None,
         regularization: float = 0.0,
+        keep_units: bool = False,
         **selection,
     ):
         super().__init__(forward, backward, regularization=regularization, **selection)
+        if not isinstance(keep_units, bool):
+            raise UserError(f"sparsity.keep_units={keep_units!r} must be true or false")
+        # every output unit keeps its largest weight in A (and so in B): no unit is cut off
+        self.keep_units = keep_units
         # Refresh every `refresh_interval` steps; at the end of exploration lock (with one
         # last refresh, B = A).
         self.schedule = MaskSchedule(
@@ -59,10 +65,15 @@ class TopKAST(SparsityMethod):
         return self._top(layer)
 
     def _top(self, layer: SparseLayer):
+        scores = layer.theta.detach().abs()
+        if self.keep_units:
+            k_backward = layer.k_forward if self.locked else layer.k_backward
+            forward, backward = topk_masks_every_row(scores, layer.k_forward, k_backward)
+            return (forward, forward) if self.locked else (forward, backward)
         if self.locked:  # B = A: one mask, shared
-            forward = topk_mask(layer.theta.detach().abs(), layer.k_forward)
+            forward = topk_mask(scores, layer.k_forward)
             return forward, forward
-        return topk_masks(layer.theta.detach().abs(), layer.k_forward, layer.k_backward)
+        return topk_masks(scores, layer.k_forward, layer.k_backward)
 
     def regularizer_weights(self, layer):
         # s = 1 on A, 1/D on B \ A: candidates pay more to stay, so only those whose gradient
