@@ -102,13 +102,14 @@ class CollapseWatch:
                     f"{self.since['loss']} ({train_loss:.3f}, chance {chance:.3f})")
         cause = ("likely cause: too few weights per unit at forward sparsity "
                  f"{m.forward_sparsity:g}, pushed below zero by large early steps (Adam) and the regulariser")
-        remedies = ["lower optimizer.lr"]
+        remedies = []  # the one that saved the measured collapses first (issue 13's ablation)
+        if getattr(m, "regularization_form", "decoupled") != "decoupled" and m.regularization_scale:
+            remedies.append("sparsity.regularization_form=decoupled")
+        remedies.append("lower optimizer.lr")
         if getattr(m, "distribution", "erk") != "erk":
             remedies.append("sparsity.distribution=erk")
         if getattr(m, "keep_units", True) is False:
             remedies.append("sparsity.keep_units=true")
-        if getattr(m, "regularization_form", "decoupled") != "decoupled" and m.regularization_scale:
-            remedies.append("sparsity.regularization_form=decoupled")
         if not self.stop:
             remedies.append("trainer.collapse_stop=true stops such runs")
         return f"{what}; {cause}; remedies: {', '.join(remedies)}"
