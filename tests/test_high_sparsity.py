@@ -3,7 +3,6 @@
 record, and the collapse warning (and exit 1 on request)."""
 
 import logging
-import math
 
 import pytest
 import torch
