@@ -1,4 +1,4 @@
-"""Ablations of issue 13 (accuracy at high sparsity): each idea is a set of `topkast train`
+"""Ablations for accuracy at high sparsity: each idea is a set of `topkast train`
 overrides, run over seeds on the bench CNN (`bench`: bench/accuracy.py's MNIST-1D task) or
 on `topkast train`'s defaults (`default`), two runs at a time, each on one thread. A run whose
 summary.json exists is not run again, so the grid can grow between calls.
@@ -27,7 +27,7 @@ COMMON = ["trainer.threads=1", "trainer.progress=false", "trainer.tensorboard=fa
           "trainer.eval_every=null", "trainer.checkpoint_every=null"]
 
 TK = "sparsity=topkast"
-# main's behaviour, whatever the defaults become (a later override of the same key wins)
+# the former defaults (coupled λ = 0.005), whatever the defaults become (a later override of the same key wins)
 OLD = ["sparsity.regularization_form=coupled", "sparsity.regularization=0.005", "sparsity.moment_restart=zero"]
 
 
@@ -45,7 +45,7 @@ def setting(name: str, task: str, idea: str, overrides: list[str], kept: str = "
 
 for f, b in ((0.8, 0.6), (0.9, 0.8), (0.95, 0.9)):
     p = f"tk{round(f * 100)}"
-    setting(f"{p}_base", "bench", f"Top-KAST {f:g}/{b:g}, defaults of main", tk(f, b, *OLD))
+    setting(f"{p}_base", "bench", f"Top-KAST {f:g}/{b:g}, former defaults", tk(f, b, *OLD))
 setting("dense", "bench", "dense", ["sparsity.forward=0"])
 # 1. optimizer meets masks (bench, 90/80 and 95/90)
 for f, b in ((0.9, 0.8), (0.95, 0.9)):
@@ -92,7 +92,7 @@ setting("d_dense", "default", "dense", ["sparsity.forward=0"])
 for name, over in (("tk90", tk(0.9, 0.8, *OLD)), ("tk95", tk(0.95, 0.9, *OLD)),
                    ("rigl95", ["sparsity=rigl", "sparsity.forward=0.95", *OLD]),
                    ("set95", ["sparsity=set", "sparsity.forward=0.95", *OLD])):
-    setting(f"d_{name}_base", "default", f"{name}, defaults of main", over)
+    setting(f"d_{name}_base", "default", f"{name}, former defaults", over)
     setting(f"d_{name}_keep", "default", f"{name}, keep every unit", [*over, "sparsity.keep_units=true"]) if name.startswith("tk") else None
     setting(f"d_{name}_erk", "default", f"{name}, ERK", [*over, "sparsity.distribution=erk"])
     setting(f"d_{name}_dec", "default", f"{name}, decoupled λ=0.05", [*over, "sparsity.regularization_form=decoupled", "sparsity.regularization=0.05"])
@@ -112,8 +112,8 @@ VERDICTS = {
     "tk80_dec": DEFAULT_NOW, "tk90_dec0.05": DEFAULT_NOW, "tk95_dec0.05": DEFAULT_NOW,
     "d_tk90_dec": DEFAULT_NOW + "; 0.5 below coupled here, within noise", "d_tk95_dec": DEFAULT_NOW + ": no collapse",
     "d_rigl95_dec": DEFAULT_NOW + ": no collapse", "d_set95_dec": DEFAULT_NOW + ": no collapse, still below 80",
-    "rigl90_dec": DEFAULT_NOW + " (main: 92.9 ± 0.8)", "rigl95_dec": DEFAULT_NOW + " (main: 87.8 ± 4.3)",
-    "set90_dec": DEFAULT_NOW + " (main: 91.1 ± 2.0)", "set95_dec": DEFAULT_NOW + " (main: 73.4 ± 6.6)",
+    "rigl90_dec": DEFAULT_NOW + " (former: 92.9 ± 0.8)", "rigl95_dec": DEFAULT_NOW + " (former: 87.8 ± 4.3)",
+    "set90_dec": DEFAULT_NOW + " (former: 91.1 ± 2.0)", "set95_dec": DEFAULT_NOW + " (former: 73.4 ± 6.6)",
     "tk90_dec0.2": "option (λ); not default: the default task was not measured at 0.2",
     "tk95_dec0.2": "option (λ); not default: the default task was not measured at 0.2",
     "tk95_dec0.5": "option (λ)",
@@ -128,15 +128,17 @@ VERDICTS = {
     "tk95_dec_explorenull": "no: locking at 0.8 of the run stays",
     "tk95_dec_bwd0.8": "not default (the 95/90 pair is the paper's); `sparsity.backward=0.8` is the best 95% setting measured",
     "d_set95_dec_cosine": "no",
-    "tk80_base": "main", "tk90_base": "main", "tk95_base": "main", "d_tk90_base": "main", "d_tk95_base": "main: seed 2 collapses",
-    "d_rigl95_base": "main: seed 2 collapses", "d_set95_base": "main: seed 2 collapses", "dense": "reference", "d_dense": "reference",
+    "tk80_base": "former default", "tk90_base": "former default", "tk95_base": "former default",
+    "d_tk90_base": "former default", "d_tk95_base": "former default: seed 2 collapses",
+    "d_rigl95_base": "former default: seed 2 collapses", "d_set95_base": "former default: seed 2 collapses",
+    "dense": "reference", "d_dense": "reference",
 }
 
 NOTES = """
-Not in the grid: the refresh interval was not ablated again (main's README: 10 / 25 / 50 /
+Not in the grid: the refresh interval was not ablated again (earlier measurement: 10 / 25 / 50 /
 100 steps at 90/80 on the default task, 93.6 / 93.6 / 92.7 / 92.7). The collapsed seed
 (default task, Top-KAST 95/90, seed 2) was probed for 300 steps with
-`trainer.collapse_window=100 trainer.log_every=10`: main's defaults, `keep_units=true` and
+`trainer.collapse_window=100 trainer.log_every=10`: the former defaults, `keep_units=true` and
 `scheduler.warmup=0.02` all end at 8.9% with the collapse warning (the last conv layer's
 outputs all <= 0); the decoupled regulariser (47.3%), λ = 0 (44.8%) and `optimizer.lr=0.003`
 (32.7%) train.
@@ -150,7 +152,7 @@ not run again). Final held-out accuracy (%) after the last step, mean ± std ove
 - **bench**: the bench CNN of `bench/accuracy.py` (cnn1d, 64 channels, MNIST-1D, Adam 1e-2,
   1500 steps). Dense: see `dense`.
 - **default**: `topkast train`'s defaults (cnn1d, 25 channels, 6000 steps).
-- Every row states its overrides relative to main's defaults (coupled λ = 0.005, zero
+- Every row states its overrides relative to the former defaults (coupled λ = 0.005, zero
   restart of Adam moments, uniform density, refresh every 25 steps, exploration 0.8).
   Settings named `*_dec*` use the decoupled penalty with λ = 0.05.
 
@@ -166,7 +168,7 @@ for f, b in ((0.9, 0.8), (0.95, 0.9)):
             [*tk(f, b, *OLD), "sparsity.regularization_form=decoupled", "sparsity.regularization=0.2"])
 for m in ("rigl", "set"):
     for f in (0.9, 0.95):
-        setting(f"{m}{round(f * 100)}_base", "bench", f"{m} {f:g}, defaults of main", [f"sparsity={m}", f"sparsity.forward={f}", *OLD])
+        setting(f"{m}{round(f * 100)}_base", "bench", f"{m} {f:g}, former defaults", [f"sparsity={m}", f"sparsity.forward={f}", *OLD])
         setting(f"{m}{round(f * 100)}_dec", "bench", f"{m} {f:g}, decoupled λ=0.05", [f"sparsity={m}", f"sparsity.forward={f}", *OLD, *DEC])
 
 
@@ -247,7 +249,7 @@ def main() -> None:
     text = table(root, names, seeds)
     print(text)
     if args.table:
-        Path(args.table).write_text(header("Ablations: accuracy at high sparsity (issue 13)")
+        Path(args.table).write_text(header("Ablations: accuracy at high sparsity")
                                     + HEADER.format(seeds=args.seeds) + text + NOTES)
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Issue 13's options for high sparsity: the per-entry Adam restart, the decoupled regulariser
+"""The options for high sparsity: the per-entry Adam restart, the decoupled regulariser
 (nothing outside B moves), the λ schedule, keeping every unit in A (exact k), the promotions
 record, and the collapse warning (and exit 1 on request)."""
 

@@ -102,7 +102,7 @@ class CollapseWatch:
                     f"{self.since['loss']} ({train_loss:.3f}, chance {chance:.3f})")
         cause = ("likely cause: too few weights per unit at forward sparsity "
                  f"{m.forward_sparsity:g}, pushed below zero by large early steps (Adam) and the regulariser")
-        remedies = []  # the one that saved the measured collapses first (issue 13's ablation)
+        remedies = []  # the one that saved the measured collapses first (bench/results/ablation_mnist1d.md)
         if getattr(m, "regularization_form", "decoupled") != "decoupled" and m.regularization_scale:
             remedies.append("sparsity.regularization_form=decoupled")
         remedies.append("lower optimizer.lr")
