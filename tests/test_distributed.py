@@ -272,6 +272,7 @@ def start(args, run_dir: Path, until_step: int) -> tuple[subprocess.Popen, dict[
     return proc, ranks
 
 
+@pytest.mark.slow  # (three runs: over a minute on 2 cores)
 def test_sigterm_to_one_rank_stops_all_after_the_same_step_and_resume_matches(tmp_path):
     reference = tmp_path / "reference"
     train(LONG, reference, devices=2)
