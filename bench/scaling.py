@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from topkast_cli.spawn import cpu_count
+
 from .common import header, write
 
 # name: (overrides, short and long run in steps)
@@ -30,16 +32,9 @@ COMMON = ["trainer.eval_every=null", "trainer.checkpoint_every=null", "trainer.p
 METHODS = {"dense": ["sparsity=dense"], "Top-KAST 90/80": ["sparsity=topkast", "sparsity.forward=0.9", "sparsity.exploration_steps=null"]}
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def wall_time(args: list[str], devices: int, steps: int, where: Path) -> float:
     run_dir = where / f"run{len(list(where.iterdir()))}"
-    threads = max(1, cores() // devices)
+    threads = max(1, cpu_count() // devices)
     cmd = [sys.executable, "-m", "topkast_cli", "train", *args, *COMMON, f"trainer.max_steps={steps}",
            f"trainer.devices={devices}", f"trainer.threads={threads}", f"hydra.run.dir={run_dir}"]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
@@ -71,11 +66,11 @@ def main(out: Path, quick: bool = False) -> None:
     for task, method, one, two in rows:
         lines.append(f"| {task} | {method} | {one:.1f} | {two:.1f} | {two / one:.2f}x | {two / one / 2:.0%} |")
     text = header("Data-parallel scaling: 1 vs 2 processes (gloo, CPU)") + (
-        f"Steps per second of the same job and global batch in 1 process ({cores()} threads) and in 2 processes "
-        f"(`trainer.devices=2`, {max(1, cores() // 2)} thread each), from the console script; start-up cancels out "
+        f"Steps per second of the same job and global batch in 1 process ({cpu_count()} threads) and in 2 processes "
+        f"(`trainer.devices=2`, {max(1, cpu_count() // 2)} thread each), from the console script; start-up cancels out "
         "(two run lengths). Efficiency = speed-up / 2. On {n} CPU cores the two processes share the cores the single "
         "process used as threads, and every step adds a gradient all-reduce through gloo: this measures the cost "
-        "of the data-parallel machinery, not what more machines would give.\n\n".replace("{n}", str(cores()))
+        "of the data-parallel machinery, not what more machines would give.\n\n".replace("{n}", str(cpu_count()))
         + "\n".join(lines) + "\n"
     )
     write(out, "scaling.md", text)

@@ -56,25 +56,31 @@ class World:
 
 
 def device_for(world: World, name: str) -> torch.device:
-    """The device of this rank for `trainer.device`: with more than one rank, `auto` and
-    `cuda` mean cuda:LOCAL_RANK (one device per rank), `cpu` means the CPU."""
-    if not world.active or name == "cpu":
-        return torch.device(name) if name != "auto" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "auto" and not torch.cuda.is_available():
+    """The device of this rank (of several) for `trainer.device`: `auto` and `cuda` mean this
+    rank's GPU (one per rank), `cpu` the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if name not in ("auto", "cuda"):
         raise UserError(
-            f"trainer.device={name} with {world.size} processes: each rank uses cuda:LOCAL_RANK; "
+            f"trainer.device={name} with {world.size} processes: each rank uses its own GPU; "
             "use trainer.device=cuda (or auto)"
         )
     if not torch.cuda.is_available():
         raise UserError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
-    if world.local_rank >= torch.cuda.device_count():
+    return torch.device("cuda", gpu_index(world))
+
+
+def gpu_index(world: World) -> int:
+    """This rank's GPU: cuda:LOCAL_RANK, or cuda:0 where the scheduler shows each rank only
+    its own (SLURM with per-task GPU binding)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if world.local_rank >= count:
         raise UserError(
-            f"LOCAL_RANK={world.local_rank} but this node has {torch.cuda.device_count()} CUDA devices; "
-            "start at most one process per device"
+            f"LOCAL_RANK={world.local_rank} but this node has {count} CUDA devices; start at most one process per device"
         )
-    return torch.device("cuda", world.local_rank)
+    return world.local_rank
 
 
 def setup(world: World, timeout_min: float = 30.0) -> None:
@@ -84,7 +90,7 @@ def setup(world: World, timeout_min: float = 30.0) -> None:
         return
     backend = "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(gpu_index(world))
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
 

@@ -190,7 +190,9 @@ def run_job(command: str, work: Callable[[DictConfig], object], cfg: DictConfig)
         if in_multirun():
             log.exception("job failed")
             return None
-        if int(os.environ.get("RANK", "0")):  # usually a consequence of rank 0's end: one line
+        from .distributed import World
+
+        if World.from_env().rank:  # usually a consequence of rank 0's end: one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             log.error("stopped: %s", first[:300])
             raise SystemExit(1) from None

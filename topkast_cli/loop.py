@@ -119,7 +119,8 @@ def fit(run: Run, logs: RunLogs, stop: StopSignals) -> str:
                 stop.agree(lambda flags: distributed.all_max(flags, world))
             bar.update(1)
             if changed:
-                distributed.check_same(method.mask_digests(), world, run.step)
+                if world.active:  # (digests are only worth computing to compare them)
+                    distributed.check_same(method.mask_digests(), world, run.step)
                 report = method.report(run.step)
                 logs.log_sparsity(report)
                 postfix["density"] = f"{report['forward_density']:.3f}"

@@ -525,9 +525,11 @@ class SparsityMethod:
         """|θ| in A, in B \\ A and outside B over all sparse layers, each a strided sample of at
         most `limit` values (no RNG drawn), for histograms; empty without sparse layers."""
         parts: dict[str, list[torch.Tensor]] = {}
+        # Thinned on the device before the copy: only about `limit` values per kind leave it.
+        stride = max(1, -(-sum(layer.numel for layer in self.layers) // limit))
         for layer in self.layers:
             for key, values in layer.magnitudes().items():
-                parts.setdefault(key, []).append(values.float().cpu())
+                parts.setdefault(key, []).append(values[::stride].float().cpu())
         out = {}
         for key, values in parts.items():
             flat = torch.cat(values)
