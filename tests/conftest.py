@@ -38,6 +38,24 @@ def one_thread():
     torch.set_num_threads(1)
 
 
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_rendezvous():
+    """A test that leaves torchrun's variables behind would make every later run in this
+    process wait for ranks that never come: fail the test that leaked them instead."""
+    before = {k: os.environ.get(k) for k in RENDEZVOUS}
+    yield
+    leaked = {k: os.environ.get(k) for k in RENDEZVOUS if os.environ.get(k) != before[k]}
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert not leaked, f"the test left the rendezvous environment changed: {leaked}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
     """Generated datasets are cached once per test session, outside the user's cache."""

@@ -4,6 +4,9 @@ rank overrides must compose; a missing launcher plugin is a hint."""
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 
@@ -69,20 +72,21 @@ def test_data_parallel_launcher_presets_compose(launcher):
     assert cfg.hydra.launcher.nodes == 2 and cfg.hydra.launcher.tasks_per_node >= 2
 
 
-def test_a_submitit_task_finds_its_rank_in_slurm_s_environment(monkeypatch):
+def test_a_submitit_task_finds_its_rank_in_slurm_s_environment():
     from hydra_plugins.topkast_cli_launcher.slurm_ddp import task_environment
 
     env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_PROCID": "5", "SLURM_NTASKS": "8",
            "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
-    assert task_environment() == rank_overrides(5)
-    import os
-
-    assert (os.environ["MASTER_ADDR"], os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("gpu01", "5", "8")
-    assert (os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"]) == ("1", "4")
+    # patch.dict restores the whole environment afterwards, including the rendezvous variables
+    # the export adds (monkeypatch.delenv does not record a variable that was absent, so a
+    # leaked WORLD_SIZE=8 would make later tests wait for 8 ranks).
+    with mock.patch.dict(os.environ, env):
+        for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(k, None)
+        assert task_environment() == rank_overrides(5)
+        assert (os.environ["MASTER_ADDR"], os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("gpu01", "5", "8")
+        assert (os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"]) == ("1", "4")
+    assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] != "8"
 
 
 @pytest.mark.parametrize(
