@@ -9,6 +9,7 @@ from conftest import TINY, make_config
 from topkast_cli.checkpoint import load_checkpoint
 from topkast_cli.commands.train import train
 from topkast_cli.run import build_run
+from topkast_cli.sparsity import sparse_linear
 
 # An MLP (Linear layers only) with every layer sparse; refreshes at 5 and 10, the lock at 12.
 MLP = [
@@ -30,6 +31,15 @@ def trained(run_dir, backend, *, until=None, resume=False):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("backends")
     out = {}
+    # Row blocks of 2-3 rows: values, optimizer state and checkpoints move block by block.
+    patch = pytest.MonkeyPatch.context()
+    with patch as mp:
+        mp.setattr(sparse_linear, "BLOCK", 100)
+        _train_all(root, out)
+    return out
+
+
+def _train_all(root, out):
     for name, first, second in [("masked", "masked", None), ("sparse", "sparse", None),
                                 ("sparse-then-masked", "sparse", "masked"), ("masked-then-sparse", "masked", "sparse")]:
         if second is None:
@@ -37,7 +47,6 @@ def runs(tmp_path_factory):
         else:
             trained(root / name, first, until=10)
             out[name] = (trained(root / name, second, resume=True), root / name)
-    return out
 
 
 def test_every_backend_ends_with_the_same_masks_and_parameters(runs):

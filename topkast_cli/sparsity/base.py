@@ -142,6 +142,8 @@ class SparseLayer:
             # promotions: the candidates (B \\ A) that earned their way into A
             candidates = self.backward & ~old_forward
             self.promotions = float(torch.count_nonzero(forward & candidates)) / max(1, int(torch.count_nonzero(forward)))
+            del candidates
+        del old_forward  # the old masks are not held here while the compute side installs the new ones
         if backward is not forward and torch.equal(backward, forward):
             backward = forward  # B = A: one shared mask
         # The compute side installs them: entries leaving B freeze (their optimizer state is

@@ -65,15 +65,16 @@ class TopKAST(SparsityMethod):
         return self._top(layer)
 
     def _top(self, layer: SparseLayer):
-        scores = layer.theta.detach().abs()
+        theta = layer.theta.detach()
         if self.keep_units:
             k_backward = layer.k_forward if self.locked else layer.k_backward
-            forward, backward = topk_masks_every_row(scores, layer.k_forward, k_backward)
+            forward, backward = topk_masks_every_row(theta.abs(), layer.k_forward, k_backward)
             return (forward, forward) if self.locked else (forward, backward)
+        # By magnitude, without a |θ| of the layer's size (a refresh's memory peak).
         if self.locked:  # B = A: one mask, shared
-            forward = topk_mask(scores, layer.k_forward)
+            forward = topk_mask(theta, layer.k_forward, magnitude=True)
             return forward, forward
-        return topk_masks(scores, layer.k_forward, layer.k_backward)
+        return topk_masks(theta, layer.k_forward, layer.k_backward, magnitude=True)
 
     def regularizer_weights(self, layer):
         # s = 1 on A, 1/D on B \ A: candidates pay more to stay, so only those whose gradient
