@@ -48,6 +48,8 @@ class Pattern:
     at_pos: torch.Tensor  # position in A's values of each A^T entry
     c_crow: torch.Tensor  # B \ A
     c_col: torch.Tensor
+    b_crow: torch.Tensor  # B in B's value order, as A stacked on B \ A: (2 out) x in
+    b_col: torch.Tensor  # A's columns then B \ A's (a_col and c_col are views of it)
 
 
 def index_dtype(shape: tuple) -> torch.dtype:
@@ -86,8 +88,9 @@ def build_pattern(forward: torch.Tensor, backward: torch.Tensor) -> Pattern:
             c_rows[rows] = (backward[rows] & ~forward[rows]).sum(1)
     a_crow, at_crow, c_crow = _counts(a_rows, dtype), _counts(a_cols, dtype), _counts(c_rows, dtype)
     k = int(a_crow[-1])
-    a_col, at_col, at_pos = (torch.empty(k, dtype=dtype, device=device) for _ in range(3))
-    c_col = torch.empty(int(c_crow[-1]), dtype=dtype, device=device)
+    at_col, at_pos = (torch.empty(k, dtype=dtype, device=device) for _ in range(2))
+    b_col = torch.empty(k + int(c_crow[-1]), dtype=dtype, device=device)
+    a_col, c_col = b_col[:k], b_col[k:]
     # A^T's row-major order is A's entries by (column, row): an entry's place in it is its
     # column's start, plus the column's entries in earlier blocks, plus its rank in this one.
     placed = at_crow[:-1].to(torch.int64)
@@ -104,7 +107,8 @@ def build_pattern(forward: torch.Tensor, backward: torch.Tensor) -> Pattern:
         if split:
             extra = (backward[rows] & ~block).reshape(-1).nonzero().squeeze(1)
             c_col[int(c_crow[rows.start]) : int(c_crow[rows.stop])] = extra % inp
-    return Pattern((out, inp), k, a_crow, a_col, at_crow, at_col, at_pos, c_crow, c_col)
+    b_crow = torch.cat([a_crow, c_crow[1:] + k])
+    return Pattern((out, inp), k, a_crow, a_col, at_crow, at_col, at_pos, c_crow, c_col, b_crow, b_col)
 
 
 def row_blocks(p: Pattern):
@@ -169,14 +173,18 @@ def _csr(crow, col, values, shape) -> torch.Tensor:
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def _sampled(crow, col, gy_t, x_t, shape) -> torch.Tensor:
-    """(gy^T x) at the pattern's entries, in its order: O(batch x entries). Both operands come
-    feature-major (`gy_t` out x batch and `x_t` in x batch, contiguous): the kernel reads a
-    row of each per entry, about 15% faster than from x itself and 2x faster than from a
-    transposed view of gy. The input's values must be zeros: on the CPU beta=0 still
-    multiplies them (0 * NaN from `empty` is NaN)."""
-    empty = _csr(crow, col, x_t.new_zeros(col.numel()), shape)
-    return torch.sparse.sampled_addmm(empty, gy_t, x_t.t(), beta=0.0).values()
+def _weight_gradient(p: Pattern, gy_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """∂L/∂α on B, in B's value order: (gy^T x) sampled at A's entries and then at B \ A's,
+    in one kernel call on the stacked pattern (rows of A, then rows of B \ A, against gy^T
+    stacked twice), O(batch x |B|). Both operands come feature-major (`gy_t` out x batch,
+    `x_t` in x batch, contiguous): the kernel reads a row of each per entry, faster than
+    from x itself and 2x faster than from a transposed view of gy. The values passed in
+    must be zeros: on the CPU beta=0 still multiplies them (0 * NaN from `empty` is NaN)."""
+    rows = gy_t if p.c_col.numel() == 0 else torch.cat([gy_t, gy_t])
+    shape = (rows.shape[0], p.shape[1])
+    crow = p.a_crow if p.c_col.numel() == 0 else p.b_crow
+    sampled = _csr(crow, p.b_col, x_t.new_zeros(p.b_col.numel()), shape)
+    return torch.sparse.sampled_addmm(sampled, rows, x_t.t(), beta=0.0, out=sampled).values()
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -205,10 +213,7 @@ class _SparseLinear(torch.autograd.Function):
             alpha_t = _csr(p.at_crow, p.at_col, values[: p.k].index_select(0, p.at_pos), p.shape[::-1])
             grad_x = torch.sparse.mm(alpha_t, gy_t).t()
         if ctx.needs_input_grad[1]:
-            parts = [_sampled(p.a_crow, p.a_col, gy_t, x_t, p.shape)]
-            if p.c_col.numel():
-                parts.append(_sampled(p.c_crow, p.c_col, gy_t, x_t, p.shape))
-            grad_values = torch.cat(parts)
+            grad_values = _weight_gradient(p, gy_t, x_t)
         return grad_x, grad_values, None
 
 

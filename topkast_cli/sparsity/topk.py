@@ -23,54 +23,69 @@ def _all(flat: torch.Tensor, magnitude: bool) -> torch.Tensor:
     return flat.abs() if magnitude else flat
 
 
-def kth_largest(flat: torch.Tensor, k: int, magnitude: bool = False) -> torch.Tensor:
-    """The k-th largest value of a 1-D tensor (of its magnitudes where `magnitude`; 1 <= k <=
-    numel), exactly.
+def kth_largest(flat: torch.Tensor, ks: list[int], magnitude: bool = False) -> list[torch.Tensor]:
+    """The k-th largest value of a 1-D tensor (of its magnitudes where `magnitude`) for each k
+    in `ks` (1 <= k <= numel), exactly.
 
     `torch.topk` with k in the millions is slow and needs index arrays of k int64s. Instead a
-    fixed random sample brackets the value between two of its order statistics, a count
-    checks the bracket, and the exact value is the right order statistic of the few scores
-    inside it. A bracket that misses (an odd distribution) falls back to `kthvalue`.
+    fixed random sample brackets each value between two of its order statistics, one pass
+    over the scores counts what lies above each bracket and keeps what lies inside, and the
+    exact value is the right order statistic of those few. A bracket that misses (an odd
+    distribution) falls back to `kthvalue`.
     """
     n = flat.numel()
     if n <= EXACT_BELOW:
-        return torch.kthvalue(_all(flat, magnitude), n - k + 1).values
-    # A fixed generator: the same scores give the same bracket, and the global stream is untouched.
+        scores = _all(flat, magnitude)
+        return [torch.kthvalue(scores, n - k + 1).values for k in ks]
+    # A fixed generator: the same scores give the same brackets, and the global stream is untouched.
     g = torch.Generator().manual_seed(n)
     sample = _all(flat[torch.randint(n, (SAMPLE,), generator=g).to(flat.device)], magnitude)
     sample = sample.sort(descending=True).values
-    share = k / n
-    spread = 6 * math.sqrt(SAMPLE * share * (1 - share)) + 16  # binomial standard deviations, and then some
-    hi = sample[max(0, int(share * SAMPLE - spread))]
-    lo = sample[min(SAMPLE - 1, int(share * SAMPLE + spread))]
-    above = sum(int(torch.count_nonzero(c > hi)) for _, c in _chunks(flat, magnitude))
-    if above < k:
-        band = torch.cat([c[(c >= lo) & (c <= hi)] for _, c in _chunks(flat, magnitude)])
-        if band.numel() >= k - above:
-            return torch.kthvalue(band, band.numel() - (k - above) + 1).values
-    return torch.kthvalue(_all(flat, magnitude), n - k + 1).values
+    brackets = []
+    for k in ks:
+        share = k / n
+        spread = 6 * math.sqrt(SAMPLE * share * (1 - share)) + 16  # binomial standard deviations, and then some
+        brackets.append((sample[max(0, int(share * SAMPLE - spread))], sample[min(SAMPLE - 1, int(share * SAMPLE + spread))]))
+    above, bands = [0] * len(ks), [[] for _ in ks]
+    for _, c in _chunks(flat, magnitude):
+        for j, (hi, lo) in enumerate(brackets):
+            above[j] += int(torch.count_nonzero(c > hi))
+            bands[j].append(c[(c >= lo) & (c <= hi)])
+    values = []
+    for k, count, band in zip(ks, above, bands):
+        band = torch.cat(band)
+        if count < k <= count + band.numel():
+            values.append(torch.kthvalue(band, band.numel() - (k - count) + 1).values)
+        else:
+            values.append(torch.kthvalue(_all(flat, magnitude), n - k + 1).values)
+    return values
 
 
-def top_mask(flat: torch.Tensor, k: int, magnitude: bool = False) -> torch.Tensor:
-    """Bool mask of exactly the k largest entries of a 1-D tensor (largest magnitudes where
-    `magnitude`: no |θ| of the layer's size is made); among scores equal to the k-th largest,
-    the lowest positions win (the same rule at every k, so the masks nest)."""
+def top_masks(flat: torch.Tensor, ks: list[int], magnitude: bool = False) -> list[torch.Tensor]:
+    """Bool masks of exactly the k largest entries of a 1-D tensor for each k in `ks` (largest
+    magnitudes where `magnitude`: no |θ| of the layer's size is made), from two passes over
+    it; among scores equal to the k-th largest the lowest positions win, so the masks nest."""
     n = flat.numel()
-    if k == 0 or k == n:
-        return torch.full(flat.shape, k == n, dtype=torch.bool, device=flat.device)
+    masks = [torch.full(flat.shape, k == n, dtype=torch.bool, device=flat.device) for k in ks]
+    todo = [j for j, k in enumerate(ks) if 0 < k < n]
+    if not todo:
+        return masks
     if bool(torch.isnan(flat.max())):  # NaN scores count as the largest, as in torch.topk
-        mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-        mask[torch.topk(_all(flat, magnitude), k, sorted=False).indices] = True
-        return mask
-    value = kth_largest(flat, k, magnitude)
-    mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+        for j in todo:
+            masks[j][torch.topk(_all(flat, magnitude), ks[j], sorted=False).indices] = True
+        return masks
+    values = kth_largest(flat, [ks[j] for j in todo], magnitude)
+    ties = [[] for _ in todo]
     for i, c in _chunks(flat, magnitude):
-        torch.ge(c, value, out=mask[i : i + c.numel()])
-    extra = int(torch.count_nonzero(mask)) - k  # ties at the k-th value beyond k: the last ones go
-    if extra:
-        ties = torch.cat([(c == value).nonzero().squeeze(1) + i for i, c in _chunks(flat, magnitude)])
-        mask[ties[ties.numel() - extra :]] = False
-    return mask
+        for t, (j, value) in enumerate(zip(todo, values)):
+            torch.ge(c, value, out=masks[j][i : i + c.numel()])
+            ties[t].append((c == value).nonzero().squeeze(1) + i)
+    for t, j in enumerate(todo):
+        extra = int(torch.count_nonzero(masks[j])) - ks[j]  # ties at the k-th value beyond k: the last go
+        if extra:
+            tied = torch.cat(ties[t])
+            masks[j][tied[tied.numel() - extra :]] = False
+    return masks
 
 
 def topk_masks(scores: torch.Tensor, k_forward: int, k_backward: int, magnitude: bool = False):
@@ -79,14 +94,17 @@ def topk_masks(scores: torch.Tensor, k_forward: int, k_backward: int, magnitude:
 
     Each holds exactly k entries whatever the ties, and A ⊆ B: both break ties by position,
     so the k_forward largest are among the k_backward largest (a plain threshold would give
-    more than k on ties; quantile also fails above 2^24 elements). A selection costs a few
-    passes over the scores and no index arrays (see `kth_largest`).
+    more than k on ties; quantile also fails above 2^24 elements). Both come from the same
+    two passes over the scores, without index arrays (see `kth_largest`).
     """
     if not 0 <= k_forward <= k_backward <= scores.numel():
         raise ValueError(f"need 0 <= k_forward ({k_forward}) <= k_backward ({k_backward}) <= {scores.numel()}")
     flat = scores.reshape(-1)
-    backward = top_mask(flat, k_backward, magnitude)
-    forward = top_mask(flat, k_forward, magnitude) if k_forward < k_backward else backward.clone()
+    if k_forward == k_backward:
+        backward = top_masks(flat, [k_backward], magnitude)[0]
+        forward = backward.clone()
+    else:
+        forward, backward = top_masks(flat, [k_forward, k_backward], magnitude)
     return forward.view_as(scores), backward.view_as(scores)
 
 
@@ -94,7 +112,7 @@ def topk_mask(scores: torch.Tensor, k: int, magnitude: bool = False) -> torch.Te
     """Boolean mask of exactly the k largest scores (|scores| where `magnitude`)."""
     if not 0 <= k <= scores.numel():
         raise ValueError(f"need 0 <= k ({k}) <= {scores.numel()}")
-    return top_mask(scores.reshape(-1), k, magnitude).view_as(scores)
+    return top_masks(scores.reshape(-1), [k], magnitude)[0].view_as(scores)
 
 
 def topk_masks_every_row(scores: torch.Tensor, k_forward: int, k_backward: int):
