@@ -98,3 +98,37 @@ def test_a_rigl_run_on_auto_stays_masked():
     run = build_run(make_config([*plain, "sparsity=rigl", "sparsity.backend=auto", "sparsity.dense_first=false"]))
     assert set(run.method.backends().values()) == {"masked"}
     assert all("dense gradient" in note for note in run.method.backend_notes.values())
+
+
+def test_pointwise_convolutions_train_alike_on_both_backends():
+    # 1x1 convolutions (one strided) run on the sparse backend as Linear maps over channels:
+    # through refreshes they must keep the masked backend's masks and parameters.
+    from torch import nn
+    import torch.nn.functional as F
+
+    from topkast_cli.run import build_optimizer
+    from topkast_cli.sparsity import TopKAST
+
+    def trained(backend):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 1, stride=2), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(16 * 4 * 4, 5))
+        method = TopKAST(0.8, 0.6, refresh_interval=3, dense_first=False, backend=backend).attach(model)
+        assert set(method.backends().values()) == {backend}
+        optimizer = build_optimizer(lambda g: torch.optim.Adam(g, lr=0.01), model, method)
+        g = torch.Generator().manual_seed(1)
+        for i in range(10):
+            x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)
+            method.before_forward(i)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            method.after_backward(i)
+            method.before_step(i, optimizer)
+            optimizer.step()
+            method.after_step(i + 1, optimizer)
+        return method
+
+    masked, sparse = trained("masked"), trained("sparse")
+    for a, b in zip(masked.layers, sparse.layers):
+        assert torch.equal(a.forward, b.forward) and torch.equal(a.backward, b.backward), a.name
+        torch.testing.assert_close(b.theta, a.theta, rtol=1e-4, atol=1e-5)

@@ -9,14 +9,19 @@ from torch.func import functional_call
 from conftest import BACKENDS, grad_of
 from topkast_cli.sparsity import TopKAST, load_plain_state_dict, plain_state_dict
 
-# The sparse backend runs Linear layers only: its network has the same input and output.
+# The sparse backend runs Linear layers and 1x1 convolutions (here one with a stride): its
+# network has the same input and output.
 NETS = {
     "masked": lambda: nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
         nn.Flatten(), nn.Linear(8 * 6 * 6, 10),
     ),
-    "sparse": lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 10)),
+    "sparse": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(),
+        nn.Conv2d(8, 8, 1, stride=2, bias=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 3 * 3, 32), nn.ReLU(), nn.Linear(32, 10),
+    ),
 }
 
 

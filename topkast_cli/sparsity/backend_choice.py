@@ -71,7 +71,9 @@ def choose_backends(model: nn.Module, layers: list, example: torch.Tensor | None
             notes[name] = "masked (not timed: no example input reached it)"
             continue
         x = torch.randn(x.shape, generator=generator).to(x)
-        grad = torch.randn((*x.shape[:-1], layer.module.out_features), generator=generator).to(x)
+        with torch.no_grad():
+            out_shape = layer.module(x).shape
+        grad = torch.randn(out_shape, generator=generator).to(x)
         masked = _seconds(layer, x, grad)
         layer.use_backend("sparse")
         sparse = _seconds(layer, x, grad)

@@ -333,7 +333,7 @@ class SparsityMethod:
         if self.needs_dense_gradient:
             return f"sparsity={self.name} needs the dense gradient of every weight at its updates"
         if not can_run(module):
-            return f"{type(module).__name__}: the sparse backend runs Linear layers only"
+            return f"{type(module).__name__}: the sparse backend runs Linear layers and 1x1 convolutions only"
         return None
 
     def plan(self, model: nn.Module) -> list[tuple[str, str, nn.Module, int, int, str]]:

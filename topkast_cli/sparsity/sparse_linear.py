@@ -1,5 +1,6 @@
-"""The `sparse` compute side of a Linear layer: α held compressed, the weight gradient only on
-B, and the optimizer training only B's values.
+"""The `sparse` compute side of a Linear layer (or a 1x1 convolution, which is a Linear layer
+over channels at every position): α held compressed, the weight gradient only on B, and the
+optimizer training only B's values.
 
 The tensor the optimizer trains is `values`: the |B| values of B, those of A first and then
 those of B \\ A, each part in row-major order (the order of a CSR tensor's values and of
@@ -9,6 +10,9 @@ boolean indexing). The layer's forward is replaced by `_SparseLinear`:
 - input gradient: through α^T in CSR (A^T's pattern, A's values permuted);
 - weight gradient: `torch.sparse.sampled_addmm` on A's and on B \\ A's pattern, so it costs
   O(batch x |B|) and its entries are ∂L/∂α on B (also where α is 0).
+
+Convolutions with larger kernels stay on the masked backend: through im2col the CSR product
+measured 2-7x slower than the dense convolution at 90-95% sparsity (`bench/results/backends.md`).
 
 θ stays the dense parameter that is checkpointed, but between mask updates the trained values
 live in `values`: `sync` writes them back into θ (only when the optimizer has changed them
@@ -74,10 +78,12 @@ def _counts(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def build_pattern(forward: torch.Tensor, backward: torch.Tensor) -> Pattern:
     """The CSR structures of A, A^T and B \\ A, built one row block at a time: no index or
     mask temporary of the whole layer (a refresh's memory peak)."""
+    split = backward is not forward
+    # A 1x1 convolution's (out, in, 1, ...) masks as the (out, in) matrix they are.
+    forward, backward = forward.reshape(forward.shape[0], -1), backward.reshape(backward.shape[0], -1)
     out, inp = forward.shape
     dtype, device, step = index_dtype(forward.shape), forward.device, _block_rows(forward.shape)
     blocks = [slice(r0, min(out, r0 + step)) for r0 in range(0, out, step)]
-    split = backward is not forward
     a_rows = torch.zeros(out, dtype=torch.int64, device=device)
     c_rows = torch.zeros(out, dtype=torch.int64, device=device)
     a_cols = torch.zeros(inp, dtype=torch.int64, device=device)
@@ -235,15 +241,36 @@ class _DenseAlpha(torch.autograd.Function):
         return torch.cat([grad[forward_mask], grad[backward_mask & ~forward_mask]]), None, None, None
 
 
-def _forward(module: nn.Linear, side: "SparseLinearWeight", x: torch.Tensor) -> torch.Tensor:
-    """The Linear layer's forward on the sparse backend (fp32 kernels: no autocast inside)."""
+def _forward(module: nn.Module, side: "SparseLinearWeight", x: torch.Tensor) -> torch.Tensor:
+    """The layer's forward on the sparse backend (fp32 kernels: no autocast inside)."""
     if side.use_dense:
         side.sync(module.parametrizations.weight.original)
-        return F.linear(x, module.weight, module.bias)
+        if isinstance(module, nn.Linear):
+            return F.linear(x, module.weight, module.bias)
+        return module._conv_forward(x, module.weight, module.bias)
     with torch.autocast(x.device.type, enabled=False):
-        rows = x.reshape(-1, x.shape[-1]).to(side.values.dtype)
-        y = _SparseLinear.apply(rows, side.values, side.pattern).reshape(*x.shape[:-1], -1)
-        return y if module.bias is None else y + module.bias
+        if isinstance(module, nn.Linear):
+            rows = x.reshape(-1, x.shape[-1]).to(side.values.dtype)
+            y = _SparseLinear.apply(rows, side.values, side.pattern).reshape(*x.shape[:-1], -1)
+            return y if module.bias is None else y + module.bias
+        return _pointwise_conv(module, side, x)
+
+
+def _pointwise_conv(module: nn.Module, side: "SparseLinearWeight", x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution as the Linear map over channels: the positions (batch x space) are
+    the rows, laid out channel-major, which is what the CSR kernels want; the output is a
+    view of its channel-major result in the input's dimension order."""
+    batched = x.dim() == module.weight.dim()
+    if not batched:
+        x = x.unsqueeze(0)
+    x = x[(slice(None), slice(None), *(slice(None, None, s) for s in module.stride))]
+    n, channels, *space = x.shape
+    rows = x.transpose(0, 1).reshape(channels, -1).t().to(side.values.dtype)
+    y = _SparseLinear.apply(rows, side.values, side.pattern)
+    if module.bias is not None:
+        y = y + module.bias
+    y = y.t().reshape(-1, n, *space).transpose(0, 1)
+    return y if batched else y.squeeze(0)
 
 
 class SparseLinearWeight(nn.Module):
@@ -351,11 +378,21 @@ class SparseLinearWeight(nn.Module):
         theta.requires_grad_(True)
 
 
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def can_run(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear)
+    """Linear layers, and 1x1 convolutions without padding or groups (any stride)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if not isinstance(module, CONV_TYPES) or module.groups != 1 or module.padding_mode != "zeros":
+        return False
+    padding = module.padding if isinstance(module.padding, tuple) else ()
+    no_padding = module.padding in ("valid", "same") or all(p == 0 for p in padding)
+    return no_padding and all(k == 1 for k in module.kernel_size)
 
 
-def attach_sparse(module: nn.Linear) -> SparseLinearWeight:
+def attach_sparse(module: nn.Module) -> SparseLinearWeight:
     """Parametrize `module.weight` (reads give α) and replace its forward by the CSR kernel.
     θ stays the Parameter object it was, no longer trained directly."""
     theta = module.weight
