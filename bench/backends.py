@@ -9,7 +9,8 @@ stepped by its `train_step` in interleaved rounds (load on the machine falls on 
 - inference: a forward pass without gradient of the trained network (what `topkast export`
   writes) on the same batch;
 - peak memory: each setting in a fresh process (`bench.memory`), over a few steps with a
-  refresh among them.
+  refresh among them: of live tensors (the CPU's counterpart of CUDA's allocator peak), and
+  of resident memory (which also holds what the C allocator keeps mapped after frees).
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def main(out: Path, quick: bool = False) -> Path:
         overrides = [*overrides, *small] if quick else overrides
         rounds, steps = (1, 2) if quick else (rounds, steps)
         lines.append(f"\n## {model}\n\n{rounds} rounds x {steps} steps per setting.\n")
-        lines.append("| sparsity | backend | step | refresh (dense steps) | inference | peak memory | layers on |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| sparsity | backend | step | refresh (dense steps) | inference | peak memory (tensors) | peak resident memory | layers on |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         notes = {}
         for label, (forward, backward) in sparsities.items():
             print(f"backends: {model}, {label}", flush=True)
@@ -143,18 +144,20 @@ def main(out: Path, quick: bool = False) -> Path:
                 for name, o in settings(forward, backward, extra, refresh=2).items()
             }
             dense = r["found"]["dense"]
-            dense_peak = (memory.get("dense") or {}).get("peak")
+            dense_memory = memory.get("dense") or {}
+            peaks = lambda m: (_ratio(m.get("tensor peak"), dense_memory.get("tensor peak")),  # noqa: E731
+                               _ratio(m.get("peak"), dense_memory.get("peak")))
             lines.append(f"| {label} | dense | 1.00 ({dense['step'] * 1e3:.1f} ms) | - | 1.00 ({dense['inference'] * 1e3:.1f} ms) "
-                         f"| {'1.00' if dense_peak else '-'} | - |")
+                         f"| {' | '.join(peaks(dense_memory))} | - |")
             for name in BACKENDS:
                 if name in r["refused"]:
-                    lines.append(f"| {label} | {name} | refused: {r['refused'][name]} | | | | |")
+                    lines.append(f"| {label} | {name} | refused: {r['refused'][name]} | | | | | |")
                     continue
                 f = r["found"][name]
-                peak = (memory.get(name) or {}).get("peak")
                 lines.append(
                     f"| {label} | {name} | {_ratio(f['step'], dense['step'])} | {_ratio(f['refresh'], dense['step'])} "
-                    f"| {_ratio(f['inference'], dense['inference'])} | {_ratio(peak, dense_peak)} | {', '.join(f['backends'])} |"
+                    f"| {_ratio(f['inference'], dense['inference'])} | {' | '.join(peaks(memory.get(name) or {}))} "
+                    f"| {', '.join(f['backends'])} |"
                 )
                 if name == "auto" and f["notes"]:
                     notes[label] = f["notes"]
@@ -169,4 +172,71 @@ def main(out: Path, quick: bool = False) -> Path:
                 lines.append("")
         for label, by_layer in notes.items():
             lines.append(f"\n`auto` at {label}: " + "; ".join(f"{k}: {v}" for k, v in by_layer.items()))
+    lines += conv_table(quick)
     return write(out, "backends.md", "\n".join(lines) + "\n")
+
+
+# (in channels, out channels, side, batch): ResNet-50's 1x1 convolutions at three stages, and
+# two 3x3 ones.
+POINTWISE = [(64, 256, 56, 8), (256, 1024, 14, 32), (512, 2048, 7, 32)]
+SPATIAL = [(64, 64, 56, 8), (256, 256, 14, 32)]
+
+
+def _best_interleaved(fns: list, repeats: int) -> list[float]:
+    """Best time of each function, called in interleaved rounds (load falls on all alike)."""
+    best = [float("inf")] * len(fns)
+    for i in range(repeats + 1):  # the first round is a warm-up
+        for j, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                best[j] = min(best[j], time.perf_counter() - t0)
+    return best
+
+
+def _forward_backward(module, x: torch.Tensor):
+    x = x.detach().requires_grad_(True)
+    grad = torch.randn_like(module(x))
+    return lambda: module(x).backward(grad)
+
+
+def conv_table(quick: bool) -> list[str]:
+    """Convolutions on each backend, one layer at a time, as ratios to the dense layer: 1x1
+    ones through the sparse backend's own path; 3x3 ones through im2col + the CSR product
+    (forward only; not built, since it loses)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from topkast_cli.sparsity import TopKAST
+
+    repeats = 1 if quick else 5
+    lines = ["\n## Convolutions, one layer (forward + backward), relative to the dense layer\n",
+             "| layer | input | sparsity | masked | sparse |", "|---|---|---|---|---|"]
+    for c_in, c_out, side, n in POINTWISE[:1] if quick else POINTWISE:
+        x = torch.randn(n, c_in, side, side)
+        for label, (forward, backward) in SPARSITIES.items():
+            layers = []
+            for backend in ("dense", "masked", "sparse"):
+                torch.manual_seed(0)
+                layers.append(nn.Conv2d(c_in, c_out, 1))
+                if backend != "dense":
+                    TopKAST(forward, backward, dense_first=False, backend=backend).attach(layers[-1])
+            dense, *others = _best_interleaved([_forward_backward(m, x) for m in layers], repeats)
+            lines.append(f"| 1x1 {c_in}->{c_out} | {n}x{c_in}x{side}x{side} | {label} | "
+                         + " | ".join(f"{t / dense:.2f}" for t in others) + " |")
+    lines += ["\n3x3 convolutions through im2col (unfold, then the CSR product), forward only, relative to "
+              "the dense convolution: the reason they stay masked.\n",
+              "| layer | input | sparsity | im2col + CSR forward |", "|---|---|---|---|"]
+    for c_in, c_out, side, n in SPATIAL[:1] if quick else SPATIAL:
+        x, weight = torch.randn(n, c_in, side, side), torch.randn(c_out, c_in, 3, 3)
+        for label, (forward, _) in SPARSITIES.items():
+            mask = torch.rand(c_out, c_in * 9, generator=torch.Generator().manual_seed(0)) >= forward
+            alpha = (weight.reshape(c_out, -1) * mask).to_sparse_csr()
+
+            def im2col():
+                cols = F.unfold(x, 3, padding=1)  # n, c_in * 9, positions
+                return torch.sparse.mm(alpha, cols.transpose(0, 1).reshape(c_in * 9, -1))
+
+            dense, sparse = _best_interleaved([lambda: F.conv2d(x, weight, padding=1), im2col], repeats)
+            lines.append(f"| 3x3 {c_in}->{c_out} | {n}x{c_in}x{side}x{side} | {label} | {sparse / dense:.2f} |")
+    return lines

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +25,41 @@ SETTINGS = {
 }
 
 
-COLUMNS = ("peak", "step peak", "refresh peak", "parameters", "trained values", "gradients", "optimizer", "masks", "index")
+COLUMNS = ("peak", "step peak", "refresh peak", "tensor peak", "tensor step peak", "tensor refresh peak",
+           "parameters", "trained values", "gradients", "optimizer", "masks", "index")
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of the CPU tensor storages reachable from Python now (each storage once)."""
+    seen = {}
+    for obj in gc.get_objects():
+        try:
+            if torch.is_tensor(obj) and obj.device.type == "cpu" and not obj.is_sparse:
+                storage = obj.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, meta, ...)
+            continue
+    return sum(seen.values())
+
+
+def _tensor_peak(fn):
+    """(fn's result, peak bytes of live tensors while it ran): the tensors alive before it plus
+    the highest running sum of the allocator's allocations and frees during it, as the
+    profiler records them. The CPU's counterpart of CUDA's max_memory_allocated: what the
+    run needs, not what the C allocator keeps mapped."""
+    from torch.profiler import ProfilerActivity, profile
+
+    before = _live_tensor_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return result, before + peak
 
 
 def _status(key: str) -> int:
@@ -59,7 +95,7 @@ def one(overrides: list[str], steps: int) -> dict:
         run, batches, params = make_run(overrides, Path(tmp))
         # VmHWM: this process's peak resident memory (reset by exec, unlike ru_maxrss).
         peak = _status("VmHWM") - before
-        phases = {"step peak": 0, "refresh peak": 0}
+        phases = dict.fromkeys(("step peak", "refresh peak", "tensor peak", "tensor step peak", "tensor refresh peak"), 0)
         for i in range(steps):
             resettable = _reset_peak()
             x, y = batches[i % len(batches)]
@@ -69,6 +105,13 @@ def one(overrides: list[str], steps: int) -> dict:
             if resettable:
                 key = "refresh peak" if changed else "step peak"
                 phases[key] = max(phases[key], hwm)
+        # Then as many steps again, each under the profiler (slow), for the tensor peaks.
+        for i in range(steps, 2 * steps if run.device.type == "cpu" else steps):
+            x, y = batches[i % len(batches)]
+            changed, tensors = _tensor_peak(lambda: train_step(run, x, y, params)[2])
+            key = "tensor refresh peak" if changed else "tensor step peak"
+            phases[key] = max(phases[key], tensors)
+            phases["tensor peak"] = max(phases["tensor peak"], tensors)
         if run.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated()
         return {**accounting(run, peak), **phases}
@@ -104,6 +147,9 @@ def main(out: Path, quick: bool = False) -> Path:
         "`peak` is the growth of peak resident memory over the process before the run was built "
         "(CUDA: the allocator's peak); `step peak` / `refresh peak` the same over a step without / "
         "with a mask refresh (the peak is reset before each step; 0: no such step, or no reset); "
+        "`tensor peak` (and its step / refresh parts) is the peak of live tensor bytes over as many "
+        "further steps, the CPU's counterpart of CUDA's allocator peak (resident memory also holds "
+        "what the C allocator keeps mapped after a free, and the libraries' code and buffers); "
         "the other columns count tensor bytes: parameters, gradients, "
         "optimizer state (Adam), and the method's masks (bool, stored once per layer; B = A shares one); "
         "`trained values` and `index` are the sparse backend's B values and CSR patterns (see backends.md).\n"
