@@ -161,6 +161,10 @@ def main(out: Path, quick: bool = False) -> Path:
                 )
                 if name == "auto" and f["notes"]:
                     notes[label] = f["notes"]
+                if name == "auto" and f["backends"] == ["masked"] and "masked" in r["found"]:
+                    same = r["found"]["masked"]["step"]
+                    lines.append(f"| {label} | | auto kept every layer masked: the masked computation, so its "
+                                 f"{f['step'] / same - 1:+.0%} against masked is this run's noise | | | | | |")
             if memory:
                 lines.append("")
                 lines.append(f"Where the bytes go at {label} (MiB; `bench.memory`):\n")

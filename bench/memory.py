@@ -163,11 +163,13 @@ def main(out: Path, quick: bool = False) -> Path:
             done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
             found[name] = json.loads(done.stdout.strip().splitlines()[-1])
         dense = found["dense"]
-        lines.append(f"\n## {model}\n\n| setting | " + " | ".join(f"{c} (MiB)" for c in columns) + " | peak relative to dense |")
-        lines.append("|---" * (len(columns) + 2) + "|")
+        lines.append(f"\n## {model}\n\n| setting | " + " | ".join(f"{c} (MiB)" for c in columns)
+                     + " | peak relative to dense | tensor peak relative to dense |")
+        lines.append("|---" * (len(columns) + 3) + "|")
         for name, r in found.items():
             cells = " | ".join(f"{r[c] / 2**20:.2f}" for c in columns)
-            lines.append(f"| {name} | {cells} | {r['peak'] / max(1, dense['peak']):.2f} |")
+            lines.append(f"| {name} | {cells} | {r['peak'] / max(1, dense['peak']):.2f} "
+                         f"| {r['tensor peak'] / max(1, dense['tensor peak']):.2f} |")
     return write(out, "memory.md", "\n".join(lines) + "\n")
 
 

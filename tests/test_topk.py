@@ -59,11 +59,12 @@ def _reference(flat, k):
 )
 @pytest.mark.parametrize("share", [0.0001, 0.05, 0.2, 0.5, 0.97])
 @pytest.mark.parametrize("magnitude", [False, True])
-def test_large_selection_is_exact_against_a_full_sort(make, share, magnitude):
-    # Above EXACT_BELOW the k-th value is bracketed from a sample; the masks must still be
+def test_large_selection_is_exact_against_a_full_sort(make, share, magnitude, monkeypatch):
+    # From LARGE on the k-th value is bracketed from a sample; the masks must still be
     # exactly those of a full sort (ties to the lowest positions), and nested.
+    monkeypatch.setattr(topk, "LARGE", 1 << 16)
     g = torch.Generator().manual_seed(1)
-    n = topk.EXACT_BELOW * 2 + 7
+    n = 4 * topk.SAMPLE + 7
     flat = make(g, n)
     k_backward = max(1, int(share * n))
     k_forward = k_backward // 2
@@ -78,8 +79,9 @@ def test_large_selection_is_exact_against_a_full_sort(make, share, magnitude):
 
 def test_a_bracket_that_misses_falls_back_to_the_exact_value(monkeypatch):
     monkeypatch.setattr(topk, "SAMPLE", 16)  # a sample too small to bracket reliably
+    monkeypatch.setattr(topk, "LARGE", 1000)
     g = torch.Generator().manual_seed(2)
-    flat = torch.randn(topk.EXACT_BELOW + 5, generator=g) ** 3
+    flat = torch.randn(5000, generator=g) ** 3
     for k in (1, 17, 1000, flat.numel() - 3):
         assert torch.equal(topk.top_masks(flat, [k])[0], _reference(flat, k))
 
