@@ -93,23 +93,26 @@ class MaskedWeight(nn.Module):
     def reload(self, theta) -> None:
         """θ was written from outside: nothing is held apart from it."""
 
+    def _per_entry(self, theta, on_a: float, on_b: float, outside: float) -> torch.Tensor:
+        """A float tensor of θ's shape: on_a on A, on_b on B \\ A, outside elsewhere. Built from
+        the bool masks in place (multiplying by a bool tensor would first copy it to float)."""
+        values = torch.where(self.backward_mask, on_b, outside).to(theta.dtype)
+        return values.masked_fill_(self.forward_mask, on_a)
+
+    @torch.no_grad()
     def regularize(self, theta, a: float, b: float) -> None:
-        """Add a·θ on A and b·θ on B to θ's gradient (bool masks, no per-layer tensor)."""
-        if theta.grad is None:
+        """Add a·θ on A and b·θ on B to θ's gradient (a+b on A, b on B \\ A)."""
+        if theta.grad is None or not (a or b):
             return
-        if a:
-            theta.grad.addcmul_(theta, self.forward_mask, value=a)
-        if b:
-            theta.grad.addcmul_(theta, self.backward_mask, value=b)
+        theta.grad.addcmul_(theta, self._per_entry(theta, a + b, b, 0.0))
 
     @torch.no_grad()
     def decay(self, theta, a: float, b: float) -> None:
-        """θ -= a·θ on A and b·θ on B (one step of the decoupled regulariser); the shrink is
-        exactly 0 outside B, so frozen entries keep their value bit for bit."""
-        shrink = theta * self.backward_mask * b
-        if a:
-            shrink.addcmul_(theta, self.forward_mask, value=a)
-        theta.sub_(shrink)
+        """θ -= a·θ on A and b·θ on B (one step of the decoupled regulariser), as the factors
+        1-a-b and 1-b the sparse backend multiplies its values by; outside B the factor is
+        exactly 1, so frozen entries keep their value bit for bit."""
+        if a or b:
+            theta.mul_(self._per_entry(theta, 1.0 - a - b, 1.0 - b, 1.0))
 
     def to_dense(self, state: torch.Tensor) -> torch.Tensor:
         """A per-entry tensor of the trained tensor (optimizer state) in θ's shape: as it is."""
