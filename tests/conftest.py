@@ -122,9 +122,10 @@ def batch(seed):
     return torch.randn(32, 20, generator=g), torch.randint(0, 5, (32,), generator=g)
 
 
-def step(model, method, optimizer, i):
-    """One training step with the method's hooks in the trainer's order; True if masks changed."""
-    x, y = batch(i)
+def step(model, method, optimizer, i, data=None):
+    """One training step with the method's hooks in the trainer's order (on `batch(i)`, or on
+    `data` = (x, y)); True if masks changed."""
+    x, y = batch(i) if data is None else data
     method.before_forward(i)
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()

@@ -104,8 +104,8 @@ def test_pointwise_convolutions_train_alike_on_both_backends():
     # 1x1 convolutions (one strided) run on the sparse backend as Linear maps over channels:
     # through refreshes they must keep the masked backend's masks and parameters.
     from torch import nn
-    import torch.nn.functional as F
 
+    from conftest import step
     from topkast_cli.run import build_optimizer
     from topkast_cli.sparsity import TopKAST
 
@@ -118,14 +118,7 @@ def test_pointwise_convolutions_train_alike_on_both_backends():
         optimizer = build_optimizer(lambda g: torch.optim.Adam(g, lr=0.01), model, method)
         g = torch.Generator().manual_seed(1)
         for i in range(10):
-            x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)
-            method.before_forward(i)
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            method.after_backward(i)
-            method.before_step(i, optimizer)
-            optimizer.step()
-            method.after_step(i + 1, optimizer)
+            step(model, method, optimizer, i, (torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)))
         return method
 
     masked, sparse = trained("masked"), trained("sparse")
