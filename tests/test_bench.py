@@ -37,6 +37,8 @@ def test_quick_backend_table_has_every_backend_machine_and_date(tmp_path):
     assert "refused: sparsity.backend=sparse cannot run layer features.2" in text  # the CNN's convs
     assert "`auto` at 90/80" in text
     assert backends.HAS_TRANSFORMER or "transformer is not included" in text
+    assert "| 1x1 64->256 | 8x64x56x56 | 90/80 |" in text and "| 3x3 64->64 | 8x64x56x56 | 90/80 |" in text
+    assert "peak memory (tensors)" in text
 
 
 @pytest.mark.slow
