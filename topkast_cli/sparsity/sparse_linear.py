@@ -55,6 +55,11 @@ class Pattern:
     b_crow: torch.Tensor  # B in B's value order, as A stacked on B \ A: (2 out) x in
     b_col: torch.Tensor  # A's columns then B \ A's (a_col and c_col are views of it)
 
+    @property
+    def size(self) -> int:
+        """|B|: the number of values the layer trains."""
+        return self.b_col.numel()
+
 
 def index_dtype(shape: tuple) -> torch.dtype:
     """int32 when every index and count of a layer of `shape` fits in it."""
@@ -170,18 +175,13 @@ def carry_over(state: torch.Tensor, old_blocks, new_blocks, size: int) -> torch.
     return moved
 
 
-def size(p: Pattern) -> int:
-    """|B|: the number of values the layer trains."""
-    return p.k + p.c_col.numel()
-
-
 def _csr(crow, col, values, shape) -> torch.Tensor:
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def _weight_gradient(p: Pattern, gy_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-    """∂L/∂α on B, in B's value order: (gy^T x) sampled at A's entries and then at B \ A's,
-    in one kernel call on the stacked pattern (rows of A, then rows of B \ A, against gy^T
+    """∂L/∂α on B, in B's value order: (gy^T x) sampled at A's entries and then at B \\ A's,
+    in one kernel call on the stacked pattern (rows of A, then rows of B \\ A, against gy^T
     stacked twice), O(batch x |B|). Both operands come feature-major (`gy_t` out x batch,
     `x_t` in x batch, contiguous): the kernel reads a row of each per entry, faster than
     from x itself and 2x faster than from a transposed view of gy. The values passed in
@@ -323,8 +323,8 @@ class SparseLinearWeight(nn.Module):
         if state:
             for key in list(state):  # one at a time: each old tensor goes before the next is made
                 if torch.is_tensor(state[key]) and state[key].shape == self.values.shape and state[key].dim():
-                    state[key] = carry_over(state[key], row_blocks(self.pattern), row_blocks(pattern), size(pattern))
-        self.values.data = gather_values(row_blocks(pattern), theta.detach().reshape(-1), size(pattern))
+                    state[key] = carry_over(state[key], row_blocks(self.pattern), row_blocks(pattern), pattern.size)
+        self.values.data = gather_values(row_blocks(pattern), theta.detach().reshape(-1), pattern.size)
         self.forward_mask, self.backward_mask = forward, backward
         self.pattern = pattern
         self._synced = self.values._version
@@ -356,7 +356,7 @@ class SparseLinearWeight(nn.Module):
 
     def from_dense(self, state: torch.Tensor) -> torch.Tensor:
         flat = state.to(self.values.device).reshape(-1)
-        return gather_values(row_blocks(self.pattern), flat, size(self.pattern))
+        return gather_values(row_blocks(self.pattern), flat, self.pattern.size)
 
     def pass_dense_gradient(self, dense: bool) -> None:
         if dense:

@@ -71,8 +71,9 @@ def kth_largest(flat: torch.Tensor, ks: list[int], magnitude: bool = False) -> l
 
 def top_masks(flat: torch.Tensor, ks: list[int], magnitude: bool = False) -> list[torch.Tensor]:
     """Bool masks of exactly the k largest entries of a 1-D tensor for each k in `ks` (largest
-    magnitudes where `magnitude`: no |θ| of the layer's size is made), from two passes over
-    it; among scores equal to the k-th largest the lowest positions win, so the masks nest."""
+    magnitudes where `magnitude`: from `LARGE` entries on no |θ| of the layer's size is made,
+    and two passes over it do); among scores equal to the k-th largest the lowest positions
+    win there, so the masks nest."""
     n = flat.numel()
     masks = [torch.full(flat.shape, k == n, dtype=torch.bool, device=flat.device) for k in ks]
     todo = [j for j, k in enumerate(ks) if 0 < k < n]
@@ -86,16 +87,20 @@ def top_masks(flat: torch.Tensor, ks: list[int], magnitude: bool = False) -> lis
             masks[j][chosen] = True
         return masks
     values = kth_largest(flat, [ks[j] for j in todo], magnitude)
-    ties = [[] for _ in todo]
     for i, c in _chunks(flat, magnitude):
-        for t, (j, value) in enumerate(zip(todo, values)):
+        for j, value in zip(todo, values):
             torch.ge(c, value, out=masks[j][i : i + c.numel()])
-            ties[t].append((c == value).nonzero().squeeze(1) + i)
-    for t, j in enumerate(todo):
-        extra = int(torch.count_nonzero(masks[j])) - ks[j]  # ties at the k-th value beyond k: the last go
-        if extra:
-            tied = torch.cat(ties[t])
-            masks[j][tied[tied.numel() - extra :]] = False
+    for j, value in zip(todo, values):
+        # Ties at the k-th value beyond k: the last ones go, found from the end (rarely more
+        # than the last chunk is read).
+        extra = int(torch.count_nonzero(masks[j])) - ks[j]
+        for i in reversed(range(0, n, CHUNK)) if extra else ():
+            piece = flat[i : i + CHUNK]
+            tied = ((piece.abs() if magnitude else piece) == value).nonzero().squeeze(1)[-extra:]
+            masks[j][tied + i] = False
+            extra -= tied.numel()
+            if not extra:
+                break
     return masks
 
 
