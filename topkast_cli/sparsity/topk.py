@@ -4,7 +4,7 @@ Below `LARGE` entries a layer's masks come from `torch.topk` (A picked among B's
 From `LARGE` on, `torch.topk` gets slow (0.75 s for 16.8M entries on 2 CPU cores) and its
 index arrays and work space set a refresh's memory peak, so the masks come from an exact
 k-th value found through a sampled bracket and a few passes over the scores in chunks
-(0.22 s, no temporary of the layer's size). Both give exactly k entries and A ⊆ B; where
+(0.17 s, no temporary of the layer's size). Both give exactly k entries and A ⊆ B; where
 the k-th value is tied they may pick different entries (the bracket: the lowest positions).
 """
 
