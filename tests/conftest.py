@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,21 @@ def topkast_script() -> str:
     script = Path(sys.executable).parent / "topkast"
     assert script.exists(), "the package is not installed (pip install -e .)"
     return str(script)
+
+
+def plain_install(tmp_path: Path, *packages: str) -> Path:
+    """A non-editable install (the wheel's files only) of the checkout's `packages` into
+    tmp_path/site, for PYTHONPATH. Built from a copy: building in the checkout would leave
+    build/ and egg-info there."""
+    root, src, target = Path(__file__).resolve().parents[1], tmp_path / "src", tmp_path / "site"
+    for name in packages:
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-compile"]
+    done = subprocess.run([*pip, "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return target
 
 
 def default_signals() -> None:

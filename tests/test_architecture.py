@@ -1,5 +1,5 @@
-"""The package's shape: no import circle, one place that builds a model, one owner of the
-masks, and a sparsity library that knows nothing of the trainer."""
+"""The package's shape: no import circle (its Hydra plugin included), one place that builds
+a model, one owner of the masks, and a sparsity library that knows nothing of the trainer."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "topkast_cli"
+# Hydra's launcher plugin: it uses the package; the package never imports it (Hydra's plugin
+# scan finds it, in an editable install too: setup.cfg's package_dir).
+PLUGIN = PACKAGE.parent / "hydra_plugins"
 
 
 def module_name(path: Path) -> str:
@@ -17,7 +20,7 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {module_name(p): p for top in (PACKAGE, PLUGIN) for p in top.rglob("*.py")}
 
 
 def imports(name: str, path: Path, known: set[str]) -> set[str]:
@@ -84,10 +87,18 @@ def test_the_graph_sees_imports():
     g = graph()
     assert "topkast_cli.launch" in g["topkast_cli.commands.train"]
     assert "topkast_cli.run" in g["topkast_cli.commands.train"]
+    assert "topkast_cli.launch" in g["hydra_plugins.topkast_cli_launcher.slurm_ddp"]  # (inside a function)
 
 
 def test_no_import_circle():
     assert find_cycle(graph()) is None, " -> ".join(find_cycle(graph()))
+
+
+def test_the_package_does_not_import_its_plugin():
+    """Not at all: not lazily, and not by a module name in a string (importlib)."""
+    for name, path in modules().items():
+        if name.startswith("topkast_cli"):
+            assert "topkast_cli_launcher" not in path.read_text(), name
 
 
 def test_a_circle_would_be_found():

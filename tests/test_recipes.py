@@ -4,7 +4,6 @@ a launch command that names it; an installed (non-editable) package finds them b
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 from topkast_cli.config import compose, validate
 
-from conftest import run_topkast
+from conftest import plain_install, run_topkast
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "topkast_cli" / "conf" / "experiment"
@@ -54,16 +53,10 @@ def test_recipe_composes_with_its_launch_command(path):
 def test_an_installed_package_finds_recipes_by_name(tmp_path):
     """A non-editable install (the wheel's files only) composes a recipe from any directory,
     and `topkast train --help` lists the recipes."""
-    src, target, elsewhere, root = (tmp_path / d for d in ("src", "site", "elsewhere", "imagenet"))
+    elsewhere, root = tmp_path / "elsewhere", tmp_path / "imagenet"
     for d in (elsewhere, root):
         d.mkdir()
-    # Build from a copy: building in the checkout would leave build/ and egg-info there.
-    shutil.copytree(ROOT / "topkast_cli", src / "topkast_cli", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-compile"]
-    done = subprocess.run([*pip, "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    target = plain_install(tmp_path, "topkast_cli")
     assert (target / "topkast_cli" / "conf" / "experiment" / "resnet50_imagenet_topkast90.yaml").is_file()
 
     env = {"PYTHONPATH": str(target)}

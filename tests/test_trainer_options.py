@@ -5,12 +5,15 @@ rank overrides must compose; a missing launcher plugin is a hint."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 
-from conftest import TINY, make_config
+from conftest import TINY, make_config, plain_install
 from topkast_cli.config import compose
 from topkast_cli.launch import rank_overrides
 from topkast_cli.loop import train_step
@@ -70,6 +73,41 @@ def test_data_parallel_launcher_presets_compose(launcher):
     cfg = compose("train", [f"hydra/launcher={launcher}", "hydra.launcher.nodes=2"])
     assert cfg.hydra.launcher._target_.endswith("DDPLauncher")
     assert cfg.hydra.launcher.nodes == 2 and cfg.hydra.launcher.tasks_per_node >= 2
+
+
+# Which launchers Hydra's own plugin scan finds (nothing registers ours), and from which file.
+FIND_LAUNCHERS = """
+import sys
+from hydra.core.plugins import Plugins
+from hydra.plugins.launcher import Launcher
+for p in Plugins.instance().discover(Launcher):
+    print(p.__name__, sys.modules[p.__module__].__file__)
+"""
+
+
+def launchers_found(cwd, env=None) -> dict[str, Path]:
+    done = subprocess.run([sys.executable, "-c", FIND_LAUNCHERS], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {name: Path(file) for name, _, file in (l.partition(" ") for l in done.stdout.splitlines())}
+
+
+def test_hydra_finds_the_data_parallel_launchers_from_any_directory(tmp_path):
+    """As installed for these tests (an editable install: setup.cfg's package_dir keeps the
+    checkout's hydra_plugins/ on the namespace's path), from a directory that is not the
+    checkout."""
+    found = launchers_found(tmp_path)
+    assert {"SlurmDDPLauncher", "LocalDDPLauncher"} <= set(found), found
+
+
+def test_a_plain_install_ships_the_data_parallel_launchers(tmp_path):
+    """A wheel's files only: the plugin lands in site-packages' hydra_plugins/, where the scan
+    finds it next to the submitit plugin it extends."""
+    target = plain_install(tmp_path, "topkast_cli", "hydra_plugins")
+    (tmp_path / "elsewhere").mkdir()
+    found = launchers_found(tmp_path / "elsewhere", env={"PYTHONPATH": str(target)})
+    for name in ("SlurmDDPLauncher", "LocalDDPLauncher"):
+        assert found[name].is_relative_to(target), found
 
 
 def test_a_submitit_task_finds_its_rank_in_slurm_s_environment():

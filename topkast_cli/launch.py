@@ -149,23 +149,8 @@ def rank_overrides(rank: int) -> list[str]:
     ]
 
 
-def register_launchers() -> None:
-    """Make our launcher plugin known to Hydra. Hydra finds plugins by walking the
-    `hydra_plugins` package, which an editable install's import hook hides."""
-    from hydra.core.plugins import Plugins
-
-    try:
-        from hydra_plugins.topkast_cli_launcher import slurm_ddp
-    except ImportError:
-        return
-    for name in ("SlurmDDPLauncher", "LocalDDPLauncher"):
-        if hasattr(slurm_ddp, name):  # (only with the submitit plugin installed)
-            Plugins.instance().register(getattr(slurm_ddp, name))
-
-
 def launch(config_name: str, task: Callable[[DictConfig], object], argv0: str, args: list[str]) -> None:
     """Run `task` as a Hydra app over the package's config tree."""
-    register_launchers()
     sys.argv = [argv0, *args]
     hydra.main(config_path=CONFIG_MODULE, config_name=config_name, version_base="1.3")(task)()
 
