@@ -23,13 +23,14 @@ MODEL_DIR = Path(topkast_cli.__file__).parent / "conf" / "model"
 INPUTS = {
     "mlp": [(1, 40), (1, 8, 8), (1, 28, 28)],
     "cnn1d": [(1, 40)],
+    "cnn2d": [(1, 8, 8), (3, 32, 32), (1, 1, 1)],
     "resnet18": [(3, 32, 32), (1, 28, 28), (3, 128, 128)],  # (224 px: test_resnet_stem)
     "resnet50": [(3, 32, 32), (3, 96, 96)],
     "wrn22_2": [(3, 32, 32), (1, 28, 28)],
     "wrn28_10": [(3, 32, 32)],
     "vgg16": [(3, 32, 32), (1, 32, 32)],
 }
-FIRST_LAYER = {"mlp": "net.1", "cnn1d": "features.0", "vgg16": "features.0"}  # others: conv1
+FIRST_LAYER = {"mlp": "net.1", "cnn1d": "features.0", "cnn2d": "features.0", "vgg16": "features.0"}  # others: conv1
 
 
 def build(name, input_shape, num_classes=7, overrides=()):
