@@ -62,6 +62,33 @@ CASES = {
         ["sparsity.backend=sparse", "sparsity=rigl", "dense gradient", "use sparsity.backend=masked"],
         None,
     ),
+    "block-not-dividing-a-layer": (
+        ["sparsity.block=[4,4]", *AUTO],
+        ["sparsity.block=[4, 4] does not divide layer features.2", "25 x 75", "sparsity.dense_layers"],
+        None,
+    ),
+    "block-of-zero-rows": (["sparsity.block=[0,4]", *AUTO], ["sparsity.block=[0, 4]", "two integers >= 1"], None),
+    "block-not-integers": (["sparsity.block=[2.5,4]", *AUTO], ["sparsity.block=[2.5, 4]", "two integers >= 1"], None),
+    "block-on-the-sparse-backend": (
+        ["sparsity.block=[5,5]", "sparsity.backend=sparse", *AUTO],
+        ["sparsity.backend=sparse", "unstructured", "sparsity.block=[5, 5]", "sparsity.backend=masked"],
+        None,
+    ),
+    "nm-n-above-m": (
+        ["sparsity.pattern=nm", "sparsity.nm=[4,2]", "sparsity.forward=null", *AUTO],
+        ["sparsity.nm=[4, 2]", "n must be below m"],
+        None,
+    ),
+    "nm-m-not-dividing-the-inputs": (
+        ["sparsity.pattern=nm", "sparsity.nm=[2,4]", "sparsity.forward=0.5", *AUTO],
+        ["sparsity.nm=[2, 4]", "layer features.2", "75 inputs", "m=4"],
+        None,
+    ),
+    "nm-and-a-conflicting-forward": (
+        ["sparsity.pattern=nm", "sparsity.nm=[1,5]", *AUTO],
+        ["sparsity.forward=0.9", "sparsity.nm=[1, 5]", "sparsity.forward=0.8 or null"],
+        None,
+    ),
     "resume-missing-file": (["resume={tmp}/missing.ckpt", *FRESH], ["resume=", "missing.ckpt", "no such file"], None),
     "resume-directory": (["resume={run}", *FRESH], ["is a directory", "last.ckpt"], None),
     "resume-empty-file": (["resume={tmp}/empty.ckpt", *FRESH], ["empty.ckpt", "is empty"], None),

@@ -58,12 +58,15 @@ def check_fits(state: dict, cfg: DictConfig, where: str, method, model: torch.nn
     `data`'s."""
     saved, now = state.get("config") or {}, OmegaConf.to_container(cfg, resolve=True)
     may_change = {f"sparsity.{key}" for key in method.resume_may_change}
+    # keys newer than the checkpoint: it was written with their default
+    added = {f"sparsity.{key}": value for key, value in method.added_keys.items()}
     for key in MUST_MATCH:
         a, b = _leaves(_get(saved, key), key), _leaves(_get(now, key), key)
         for leaf in sorted(set(a) | set(b)):
-            if leaf not in may_change and a.get(leaf) != b.get(leaf):
+            saved_value = a.get(leaf, added.get(leaf))
+            if leaf not in may_change and saved_value != b.get(leaf):
                 raise UserError(
-                    f"{where} was written with {leaf}={a.get(leaf)}, the config has {leaf}={b.get(leaf)}; "
+                    f"{where} was written with {leaf}={saved_value}, the config has {leaf}={b.get(leaf)}; "
                     "resume with the same model, dataset, optimizer and sparsity (or start a new run)"
                 )
     if data is not None:

@@ -22,11 +22,12 @@ from torch import nn
 
 from ..errors import UserError, check_number
 from .backend_choice import choose_backends
-from .distribution import DISTRIBUTIONS, backward_counts, layer_counts
+from .distribution import DISTRIBUTIONS
 from .masking import MaskedWeight, attach, dense_parameter
 from .sparse_linear import SparseLinearWeight, attach_sparse, can_run
 from .schedule import MaskSchedule
 from .selection import select_sparse_layers
+from .structure import Blocks
 
 BACKENDS = ("masked", "sparse", "auto")
 # How the regulariser meets the optimizer: its gradient added before the step (`coupled`, an
@@ -231,6 +232,12 @@ class SparsityMethod:
     needs_dense_gradient = False
     # When masks change (None: never). Subclasses that change masks set one in __init__.
     schedule: MaskSchedule | None = None
+    # The grain masks are chosen at (`structure.Blocks`, `structure.NM`): single weights unless
+    # a method is configured otherwise (Top-KAST's sparsity.block / sparsity.pattern).
+    structure: Blocks = Blocks()
+    # Config keys added after checkpoints were first written, with the value that a
+    # checkpoint written without them was trained with (resuming such a run compares these).
+    added_keys: dict = {}
 
     def __init__(
         self,
@@ -332,6 +339,8 @@ class SparsityMethod:
         """Why the sparse backend cannot run `module`'s weight for this method (None: it can)."""
         if self.needs_dense_gradient:
             return f"sparsity={self.name} needs the dense gradient of every weight at its updates"
+        if not self.structure.unstructured:
+            return f"{self.structure}: the sparse backend runs unstructured masks only"
         if not can_run(module):
             return f"{type(module).__name__}: the sparse backend runs Linear layers and 1x1 convolutions only"
         return None
@@ -344,8 +353,9 @@ class SparsityMethod:
         chosen = select_sparse_layers(model, self.dense_first, self.dense_layers, self.include_embeddings)
         names = [f"{n}.weight" if n else "weight" for n, _ in chosen]
         shapes = {pname: tuple(m.weight.shape) for pname, (_, m) in zip(names, chosen)}
-        k_forward = layer_counts(shapes, self.density, self.distribution)
-        k_backward = backward_counts(shapes, k_forward, self.density, self.backward_density, self.distribution)
+        for name, module in chosen:
+            self.structure.check(name, tuple(module.weight.shape))
+        k_forward, k_backward = self.structure.counts(shapes, self.density, self.backward_density, self.distribution)
         plan = []
         for pname, (name, module) in zip(names, chosen):
             numel, k = module.weight.numel(), k_forward[pname]

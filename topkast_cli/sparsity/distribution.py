@@ -9,21 +9,26 @@ from ..errors import UserError
 DISTRIBUTIONS = ("uniform", "erk")
 
 
-def layer_counts(shapes: dict[str, tuple], density: float, distribution: str) -> dict[str, int]:
+def layer_counts(shapes: dict[str, tuple], density: float, distribution: str,
+                 units: dict[str, int] | None = None) -> dict[str, int]:
     """Number of nonzeros k per layer for a target density.
 
     uniform: every layer keeps round(density * numel).
     erk: layer density proportional to sum(shape) / prod(shape) (RigL's ERK, kernel
     dimensions included), scaled so that the total nonzeros equal round(density * total),
     no layer above density 1 (layers that would be are made dense and the rest rescaled).
+
+    `units`: the layers' sizes in the units masks are chosen in (blocks of weights; default:
+    single weights); the counts and totals are then in those units, the ERK densities still
+    come from the weights' shapes.
     """
+    numel = units if units is not None else {n: math.prod(s) for n, s in shapes.items()}
     if distribution == "uniform":
-        return {n: round(density * math.prod(s)) for n, s in shapes.items()}
+        return {n: round(density * numel[n]) for n in shapes}
     if distribution != "erk":
         raise UserError(f"sparsity.distribution={distribution!r} is not known; allowed: {', '.join(DISTRIBUTIONS)}")
-    numel = {n: math.prod(s) for n, s in shapes.items()}
     target = round(density * sum(numel.values()))
-    raw = {n: sum(s) / numel[n] for n, s in shapes.items()}
+    raw = {n: sum(s) / math.prod(s) for n, s in shapes.items()}
     dense: set[str] = set()
     while True:
         budget = target - sum(numel[n] for n in dense)
@@ -52,12 +57,13 @@ def _round_to_total(exact: dict[str, float], cap: dict[str, int], total: int) ->
 
 
 def backward_counts(shapes: dict[str, tuple], k_forward: dict[str, int], density: float,
-                    backward_density: float, distribution: str) -> dict[str, int]:
+                    backward_density: float, distribution: str, units: dict[str, int] | None = None) -> dict[str, int]:
     """Backward-set size per layer. uniform: round(backward_density * numel). erk: the global
-    ratio (D+M)/D kept per layer, capped at the layer size. Never below k_forward."""
+    ratio (D+M)/D kept per layer, capped at the layer size. Never below k_forward. `units`:
+    as in `layer_counts`."""
     counts = {}
     for name, shape in shapes.items():
-        numel, k = math.prod(shape), k_forward[name]
+        numel, k = units[name] if units is not None else math.prod(shape), k_forward[name]
         if distribution == "uniform":
             kb = round(backward_density * numel)
         else:

@@ -147,3 +147,18 @@ def topk_masks_every_row(scores: torch.Tensor, k_forward: int, k_backward: int):
     rest = rows.masked_fill(kept, -math.inf)
     extra_forward, extra_backward = topk_masks(rest, k_forward - len(chosen), k_backward - len(chosen))
     return (kept | extra_forward).view_as(scores), (kept | extra_backward).view_as(scores)
+
+
+def topk_masks_in_groups(scores: torch.Tensor, group: int, k_forward: int, k_backward: int):
+    """`topk_masks` within every `group` consecutive entries of the flat scores (N:M): each
+    group holds exactly k_forward entries of A and k_backward of B, A ⊆ B (A: the first
+    k_forward of the group's k_backward largest, in descending order)."""
+    if scores.numel() % group or not 0 <= k_forward <= k_backward <= group:
+        raise ValueError(f"need groups of {group} dividing {scores.numel()} and 0 <= {k_forward} <= {k_backward} <= {group}")
+    groups = scores.reshape(-1, group)
+    order = torch.topk(groups, k_backward, dim=1, sorted=True).indices
+    forward = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
+    backward = forward.clone()
+    forward.scatter_(1, order[:, :k_forward], True)
+    backward.scatter_(1, order, True)
+    return forward.view_as(scores), backward.view_as(scores)

@@ -8,11 +8,13 @@ import torch
 from ..errors import UserError
 from .base import SparseLayer, SparsityMethod
 from .schedule import MaskSchedule
-from .topk import topk_mask, topk_masks, topk_masks_every_row
+from .structure import structure_from_config
 
 
 class TopKAST(SparsityMethod):
-    """Per layer: A = top k_A by |θ|, B = top k_B by |θ| (one topk, so A ⊆ B).
+    """Per layer: A = top k_A by |θ|, B = top k_B by |θ| (one topk, so A ⊆ B); or the same
+    rule on r x c blocks by their norm (`block`), or within groups of m inputs (`pattern=nm`):
+    see `structure`.
 
     - the layer computes with θ ⊙ 1_A; gradients reach exactly B (∂L/∂α on B),
     - exploration regulariser instead of weight decay on θ: gradient λθ on A and λθ/D on
@@ -28,6 +30,8 @@ class TopKAST(SparsityMethod):
     # The refresh period and the exploration length only decide when masks are next
     # recomputed from |θ|, and the lock is kept in the checkpoint: both may change on resume.
     resume_may_change = ("refresh_interval", "exploration_steps", "keep_units", *SparsityMethod.resume_may_change)
+    # A checkpoint from before structured masks was unstructured.
+    added_keys = {"block": [1, 1], "pattern": "block", "nm": None}
 
     def __init__(
         self,
@@ -37,9 +41,19 @@ class TopKAST(SparsityMethod):
         exploration_steps: int | float | None = None,
         regularization: float = 0.0,
         keep_units: bool = False,
+        block=(1, 1),
+        pattern: str = "block",
+        nm=None,
         **selection,
     ):
-        super().__init__(forward, backward, regularization=regularization, **selection)
+        structure, forward, effective_backward = structure_from_config(
+            pattern, block, nm, forward, backward, selection.get("distribution", "uniform"))
+        super().__init__(forward, effective_backward, regularization=regularization, **selection)
+        self.backward_given = backward
+        self.structure = structure
+        if self.backend == "sparse" and not structure.unstructured:
+            raise UserError(f"sparsity.backend=sparse runs unstructured masks only; with {structure} use "
+                            "sparsity.backend=masked (auto keeps such layers masked)")
         if not isinstance(keep_units, bool):
             raise UserError(f"sparsity.keep_units={keep_units!r} must be true or false")
         # every output unit keeps its largest weight in A (and so in B): no unit is cut off
@@ -65,16 +79,9 @@ class TopKAST(SparsityMethod):
         return self._top(layer)
 
     def _top(self, layer: SparseLayer):
-        theta = layer.theta.detach()
-        if self.keep_units:
-            k_backward = layer.k_forward if self.locked else layer.k_backward
-            forward, backward = topk_masks_every_row(theta.abs(), layer.k_forward, k_backward)
-            return (forward, forward) if self.locked else (forward, backward)
-        # By magnitude, without a |θ| of the layer's size (a refresh's memory peak).
-        if self.locked:  # B = A: one mask, shared
-            forward = topk_mask(theta, layer.k_forward, magnitude=True)
-            return forward, forward
-        return topk_masks(theta, layer.k_forward, layer.k_backward, magnitude=True)
+        # Locked: B = A, one mask.
+        k_backward = layer.k_forward if self.locked else layer.k_backward
+        return self.structure.masks(layer.theta.detach(), layer.k_forward, k_backward, every_row=self.keep_units)
 
     def regularizer_weights(self, layer):
         # s = 1 on A, 1/D on B \ A: candidates pay more to stay, so only those whose gradient
