@@ -130,13 +130,15 @@ def test_a_run_resumes_with_another_world_size(runs, tmp_path):
         ["sparsity=rigl", "sparsity.update_interval=5"],
         pytest.param(["sparsity=set", "sparsity.update_interval=5"], marks=pytest.mark.slow),
         pytest.param(["sparsity=static"], marks=pytest.mark.slow),
+        ["sparsity=topkast", "sparsity.refresh_interval=5", "sparsity.block=[5,5]"],
     ],
-    ids=["rigl", "set", "static"],
+    ids=["rigl", "set", "static", "topkast-blocks"],
 )
 def test_masks_of_every_method_match_one_process(tmp_path, method):
     """RigL grows from the all-reduced dense gradient; static and SET draw their random masks
-    from generators seeded alike on every rank. (Every update also checks, across ranks,
-    that the masks are identical: a mismatch would fail the run.)"""
+    from generators seeded alike on every rank; Top-KAST's blocks rank the same θ alike.
+    (Every update also checks, across ranks, that the masks are identical: a mismatch would
+    fail the run.)"""
     args = [a for a in ARGS if not a.startswith("sparsity.")] + method
     train(args, tmp_path / "one", devices=1)
     train(args, tmp_path / "two", devices=2)
