@@ -109,7 +109,8 @@ def check_masks(m, structure, uniform=True, top=True):
             assert int(backward.sum()) == round(db * n)
         if not top:
             continue
-        norms = structure.scores(theta)
+        r, c = structure.rows, structure.cols
+        norms = torch.linalg.vector_norm(theta.reshape(theta.shape[0] // r, r, -1, c), dim=(1, 3))
         assert norms[forward].min() >= norms[~forward].max(), "A: the blocks of largest norm"
         if not backward.all():
             assert norms[backward].min() >= norms[~backward].max(), "B: the blocks of largest norm"
@@ -193,6 +194,17 @@ def test_regulariser_weights_candidates_by_one_over_the_density_in_blocks(name):
         torch.testing.assert_close(added[a], lam * theta[a])
         torch.testing.assert_close(added[b & ~a], lam / d * theta[b & ~a])
         assert not added[~b].any()
+
+
+@pytest.mark.parametrize("block", [(4, 4), (2, 8), (1, 3), (16, 1)])
+def test_block_scores_are_the_blocks_norms_also_across_pieces(monkeypatch, block):
+    from topkast_cli.sparsity import structure
+
+    monkeypatch.setattr(structure, "CHUNK", 300)  # several row blocks per piece, a short last piece
+    theta = torch.randn(48, 8, 3, 3)  # a 48 x 72 matrix
+    r, c = block
+    expected = torch.linalg.vector_norm(theta.reshape(48 // r, r, 72 // c, c), dim=(1, 3)).square()
+    torch.testing.assert_close(Blocks(r, c).scores(theta), expected)
 
 
 def test_erk_counts_blocks():
