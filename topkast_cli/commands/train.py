@@ -114,8 +114,9 @@ def _train(cfg: DictConfig, run_dir: Path, world: World) -> dict:
     )
     m = run.method
     log.info(
-        "%s: %d sparse layers, forward sparsity %.3f, backward sparsity %.3f; %d steps (%.1f epochs) on %s%s",
-        m.display_name, len(m.layers), m.forward_sparsity, m.backward_sparsity,
+        "%s: %d sparse layers%s, forward sparsity %.3f, backward sparsity %.3f; %d steps (%.1f epochs) on %s%s",
+        m.display_name, len(m.layers), "" if m.structure.unstructured else f" ({m.structure})",
+        m.forward_sparsity, m.backward_sparsity,
         run.total_steps, run.total_steps / run.data.steps_per_epoch, run.device,
         f" x {world.size} processes (global batch {run.data.batch_size}, {run.data.batch_size // world.size} per process)"
         if world.active else "",
