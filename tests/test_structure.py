@@ -20,7 +20,7 @@ from topkast_cli.checkpoint import load_checkpoint
 from topkast_cli.commands.train import train
 from topkast_cli.errors import UserError
 from topkast_cli.evaluate import evaluate_checkpoint
-from topkast_cli.export import dense_from_csr, export_checkpoint
+from topkast_cli.export import dense_from_bsr, dense_from_csr, export_checkpoint
 from topkast_cli.resume import check_fits
 from topkast_cli.run import build_optimizer
 from topkast_cli.run_logs import read_jsonl
@@ -354,6 +354,12 @@ def test_export_of_a_block_sparse_model_keeps_whole_blocks(block_run):
         assert int(nonzero.sum()) <= int(masks[name]["forward"].sum()) // 25  # only A's blocks hold weights
         assert torch.equal(weight == 0, ~masks[name]["forward"] | (weight == 0))
     assert report["density"]["sparse_density"] <= 0.1 + 1e-9
+    bsr = torch.load(report["bsr"], weights_only=True)
+    assert set(bsr) == set(plain) and report["bsr_bytes"] < report["plain_bytes"]
+    for name, entry in ((k, v) for k, v in bsr.items() if isinstance(v, dict)):
+        assert entry["layout"] == "bsr" and entry["blocksize"] == [5, 5] and entry["values"].shape[1:] == (5, 5)
+        assert torch.equal(dense_from_bsr(entry), plain[name])
+        assert entry["values"].shape[0] <= int(masks[name]["forward"].sum()) // 25
     assert evaluate_checkpoint(eval_config(ckpt))["metrics"]["acc1"] == block_run[1]["final"]["acc1"]
 
 

@@ -63,6 +63,10 @@ class Blocks:
     def unstructured(self) -> bool:
         return self.size == 1
 
+    @property
+    def blocksize(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
     def __str__(self) -> str:
         return f"sparsity.block=[{self.rows}, {self.cols}]"
 
@@ -129,6 +133,7 @@ class NM:
 
     size = 1  # counts are in weights
     unstructured = False
+    blocksize = None  # no blocks
 
     def __str__(self) -> str:
         return f"sparsity.nm=[{self.n}, {self.m}]"
