@@ -69,9 +69,19 @@ CASES = {
     ),
     "block-of-zero-rows": (["sparsity.block=[0,4]", *AUTO], ["sparsity.block=[0, 4]", "two integers >= 1"], None),
     "block-not-integers": (["sparsity.block=[2.5,4]", *AUTO], ["sparsity.block=[2.5, 4]", "two integers >= 1"], None),
-    "block-on-the-sparse-backend": (
+    "block-on-a-3x3-conv-on-the-sparse-backend": (
         ["sparsity.block=[5,5]", "sparsity.backend=sparse", *AUTO],
-        ["sparsity.backend=sparse", "unstructured", "sparsity.block=[5, 5]", "sparsity.backend=masked"],
+        ["sparsity.backend=sparse cannot run layer features.2", "Conv1d", "1x1 convolutions", "sparsity.backend=auto"],
+        None,
+    ),
+    "non-square-block-on-the-sparse-backend": (
+        ["sparsity.block=[5,1]", "sparsity.backend=sparse", *AUTO],
+        ["sparsity.backend=sparse cannot run sparsity.block=[5, 1]", "square blocks only", "sparsity.backend=masked"],
+        None,
+    ),
+    "nm-on-the-sparse-backend": (
+        ["sparsity.pattern=nm", "sparsity.nm=[1,5]", "sparsity.forward=null", "sparsity.backend=sparse", *AUTO],
+        ["sparsity.backend=sparse cannot run sparsity.nm=[1, 5]", "N:M", "sparsity.backend=masked"],
         None,
     ),
     "nm-n-above-m": (

@@ -50,3 +50,31 @@ def test_values_move_between_theta_and_b_block_by_block(monkeypatch, block):
     moved = sparse_linear.carry_over(order, sparse_linear.row_blocks(old), sparse_linear.row_blocks(new), 45)
     expected = torch.where(backward, theta, 0)
     assert torch.equal(moved, torch.cat([expected[new_forward], expected[new_backward & ~new_forward]]))
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 20])
+@pytest.mark.parametrize("size", [(2, 2), (3, 3), (4, 4)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_bsr_alpha_and_its_transpose_are_a_in_blocks(monkeypatch, block, size, shared):
+    """With blocks, α and α^T are BSR tensors of A's blocks, and B's values keep the order of
+    single weights: the CSR parts are the unstructured pattern's, so every value move is too."""
+    from topkast_cli.sparsity.structure import Blocks
+
+    monkeypatch.setattr(sparse_linear, "BLOCK", block)
+    r, c = size
+    theta = torch.randn(12, 24, generator=torch.Generator().manual_seed(3))
+    blocks = 12 * 24 // (r * c)
+    forward, backward = Blocks(r, c).masks(theta, blocks // 4 * r * c, blocks // 2 * r * c)
+    if shared:
+        backward = forward
+    p = sparse_linear.build_pattern(forward, backward, size)
+    plain = sparse_linear.build_pattern(forward, backward)
+    for key in ("a_crow", "a_col", "c_crow", "c_col", "b_crow", "b_col"):
+        assert torch.equal(getattr(p, key), getattr(plain, key)), key
+    assert p.at_col.numel() == 0 and p.at_pos.numel() == 0  # α^T is BSR instead
+    values = torch.cat([theta[forward], theta[backward & ~forward]])
+    alpha, alpha_t = sparse_linear._alpha(p, values), sparse_linear._alpha_t(p, values)
+    assert alpha.layout == torch.sparse_bsr and alpha.values().shape == (blocks // 4, r, c)
+    assert alpha_t.layout == torch.sparse_bsr and alpha_t.values().shape == (blocks // 4, c, r)
+    assert torch.equal(alpha.to_dense(), torch.where(forward, theta, 0))
+    assert torch.equal(alpha_t.to_dense(), torch.where(forward, theta, 0).t())

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY, make_config, step
+from conftest import TINY, grad_of, make_config, state_of, step
 from test_eval import eval_config
 from topkast_cli.checkpoint import load_checkpoint
 from topkast_cli.commands.train import train
@@ -279,7 +279,8 @@ def test_one_by_one_blocks_are_unstructured_top_kast():
         ({"nm": [2, 4]}, "needs sparsity.pattern=nm"),
         ({"forward": None}, "sparsity.forward=null needs sparsity.pattern=nm"),
         ({"pattern": "blocks"}, "sparsity.pattern='blocks' is not known; allowed: block, nm"),
-        ({"block": [4, 4], "backend": "sparse"}, "unstructured masks only.*sparsity.backend=masked"),
+        ({"block": [2, 4], "backend": "sparse"}, r"cannot run sparsity.block=\[2, 4\]: its BSR kernels take square blocks only.*backend=masked"),
+        ({**STRUCTURES["nm2:4"], "backend": "sparse"}, r"cannot run sparsity.nm=\[2, 4\]: N:M .*backend=masked"),
     ],
 )
 def test_bad_values(kwargs, match):
@@ -294,11 +295,11 @@ def test_a_structure_that_does_not_fit_a_layer_names_it():
         TopKAST(None, pattern="nm", nm=[2, 16]).attach(convnet())
 
 
-def test_auto_keeps_structured_layers_masked_and_says_why():
-    model = mlp()
-    m = method({"block": [4, 4]}, backend="auto").attach(model, example=torch.randn(4, 20))
+@pytest.mark.parametrize("kwargs, why", [({"block": [4, 1]}, "square blocks only"), (STRUCTURES["nm2:4"], "N:M")])
+def test_auto_keeps_what_bsr_cannot_run_masked_and_says_why(kwargs, why):
+    m = method(kwargs, backend="auto").attach(mlp(), example=torch.randn(4, 20))
     assert set(m.backends().values()) == {"masked"}
-    assert all("unstructured masks only" in note for note in m.backend_notes.values())
+    assert all(why in note for note in m.backend_notes.values())
 
 
 # ------------------------------------------------------------------- through the trainer
@@ -374,3 +375,165 @@ def test_a_checkpoint_from_before_structures_resumes(block_run):
     check_fits(state, cfg, "old.ckpt", m)
     with pytest.raises(UserError, match=r"sparsity.block=\[1, 1\], the config has sparsity.block=\[5, 5\]"):
         check_fits(state, make_config([*BASE, *RUNS["block"]]), "old.ckpt", m)
+
+
+# --------------------------------------------------------- blocks on the sparse backend (BSR)
+def pointwise():
+    """1x1 convolutions (one strided) behind a dense first one, then a Linear layer: sparse
+    32 x 16, 16 x 32 and 16 x 16 matrices."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 16, 1, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 16),  # (16 outputs: 4 blocks of 8x8, labels below 8)
+    )
+
+
+BSR_NETS = {"mlp": (mlp, mlp_batch), "pointwise": (pointwise, conv_batch)}  # dense first: 64x64, 8x64 in the MLP
+
+
+def both_backends(make, kwargs):
+    """The same model and method on `masked` and on `sparse` (the same θ, so the same masks)."""
+    out = []
+    for backend in ("masked", "sparse"):
+        model = make()
+        m = method(kwargs, backend=backend).attach(model)
+        assert set(m.backends().values()) == {backend}
+        if backend == "sparse":
+            assert all(l._compute.pattern.blocks.size == tuple(kwargs["block"]) for l in m.layers), "BSR"
+        out.append((model, m))
+    return out
+
+
+@pytest.mark.parametrize("block", [[2, 2], [4, 4], [8, 8]])
+@pytest.mark.parametrize("net", BSR_NETS)
+def test_bsr_output_and_gradients_are_the_masked_backends(net, block):
+    make, data = BSR_NETS[net]
+    (masked, a), (sparse, b) = both_backends(make, {"block": block})
+    x, y = data(0)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [model(xi) for model, xi in zip((masked, sparse), xs)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for out in outs:
+        F.cross_entropy(out, y).backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-7)  # the input gradient, through α^T in BSR
+    for mine, theirs in zip(b.layers, a.layers):
+        assert torch.equal(mine.forward, theirs.forward) and torch.equal(mine.backward, theirs.backward)
+        grad = grad_of(mine)
+        torch.testing.assert_close(grad, theirs.trained.grad, rtol=1e-5, atol=1e-7)
+        assert not grad[~mine.backward].any() and grad[mine.backward & ~mine.forward].abs().sum() > 0
+    for p, q in zip(sparse.parameters(), masked.parameters()):
+        if p.requires_grad:  # biases and the dense layers
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+@pytest.mark.parametrize("block", [[2, 2], [4, 4]])
+@pytest.mark.parametrize("net", BSR_NETS)
+def test_bsr_trains_as_the_masked_backend_and_nothing_outside_b_moves(net, block, opt):
+    """Through refreshes that change B: exact k in blocks, whole blocks, B ⊇ A, the top blocks;
+    outside B nothing moves; and the masked backend's masks, θ and optimizer state."""
+    make, data = BSR_NETS[net]
+    runs = both_backends(make, {"block": block, "refresh_interval": 2, "regularization": 0.05})
+    optimizers = [build_optimizer(OPTIMIZERS[opt], model, m) for model, m in runs]
+    b_moved = 0
+    for i in range(8):
+        m = runs[1][1]
+        before = [(l.theta.detach().clone(), l.backward.clone()) for l in m.layers]
+        for (model, mi), optimizer in zip(runs, optimizers):
+            step(model, mi, optimizer, i, data(i))
+        check_masks(m, m.structure, top=False)  # (θ trained on since the refresh)
+        for layer, (theta, b) in zip(m.layers, before):
+            assert torch.equal(layer.theta.detach()[~b], theta[~b]), f"step {i}: {layer.name} moved outside B"
+            assert not torch.equal(layer.theta.detach()[b], theta[b]), "B trains"
+            b_moved += not torch.equal(layer.backward, b)
+    assert b_moved, "the test needs refreshes that change B"
+    (_, masked), (_, sparse) = runs
+    for mine, theirs in zip(sparse.layers, masked.layers):
+        assert torch.equal(mine.forward, theirs.forward) and torch.equal(mine.backward, theirs.backward), mine.name
+        torch.testing.assert_close(mine.theta, theirs.theta, rtol=1e-4, atol=1e-5)
+        for key, value in optimizers[0].state[theirs.trained].items():
+            if torch.is_tensor(value) and value.dim():
+                torch.testing.assert_close(state_of(optimizers[1], mine, key), value, rtol=1e-3, atol=1e-6)
+
+
+def test_auto_times_block_layers_and_chooses_per_layer(monkeypatch):
+    from topkast_cli.sparsity import backend_choice
+
+    # Timings made up per layer: the first Linear gains from BSR, the second loses.
+    def seconds(layer, x, grad):
+        layer.module(x).backward(grad)  # (it runs, on either side)
+        assert layer.backend == "masked" or layer._compute.pattern.blocks is not None
+        return {"masked": 1.0, "sparse": 0.5 if layer.module is model[2] else 2.0}[layer.backend]
+
+    monkeypatch.setattr(backend_choice, "_seconds", seconds)
+    model = mlp()
+    m = method({"block": [4, 4]}, backend="auto").attach(model, example=torch.randn(4, 20))
+    assert m.backends() == {"2.weight": "sparse", "4.weight": "masked"}
+    assert m.backend_notes["2"].startswith("sparse (forward+backward 500.00 ms sparse, 1000.00 ms masked)")
+    assert m.layers[0]._compute.pattern.blocks.size == (4, 4)
+    monkeypatch.undo()
+    real = method({"block": [4, 4]}, backend="auto").attach(mlp(), example=torch.randn(4, 20))
+    assert all("ms sparse" in note for note in real.backend_notes.values()), real.backend_notes
+
+
+# Through the trainer: an MLP on MNIST-1D, 64x40 and 64x64 in 8x8 blocks (the 10-way classifier dense).
+BSR_RUN = [*BASE, "model=mlp", "model.hidden=[64,64]", "sparsity.dense_first=false", "sparsity.dense_layers=[net.5]",
+           "sparsity.block=[8,8]", "sparsity.exploration_steps=15", "sparsity.regularization=0.01",
+           "trainer.deterministic=true", "trainer.max_steps=24", "trainer.eval_every=4", "trainer.checkpoint_every=4",
+           "trainer.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def bsr_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bsr-runs")
+    summaries = {}
+    try:
+        for name, first, second in [("masked", "masked", None), ("sparse", "sparse", None),
+                                    ("sparse-split", "sparse", "sparse"), ("masked-then-sparse", "masked", "sparse")]:
+            if second is None:
+                summaries[name] = train(make_config([*BSR_RUN, f"sparsity.backend={first}"]), root / name)
+            else:
+                train(make_config([*BSR_RUN, f"sparsity.backend={first}", "trainer.max_steps=12"]), root / name)
+                summaries[name] = train(make_config([*BSR_RUN, f"sparsity.backend={second}", "resume=auto"]), root / name)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return root, summaries
+
+
+def test_bsr_resume_is_exact_and_matches_the_masked_backend(bsr_runs):
+    root, summaries = bsr_runs
+    assert set(summaries["sparse"]["backends"].values()) == {"sparse"}
+    assert set(summaries["masked-then-sparse"]["backends"].values()) == {"sparse"}
+    ckpt = {name: load_checkpoint(root / name / "checkpoints" / "last.ckpt") for name in summaries}
+    straight, split = ckpt["sparse"], ckpt["sparse-split"]
+    assert straight["sparsity"]["extra"]["locked"]
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], split["model"][key]), key
+    for key in straight["masks"]:
+        for which in ("forward", "backward"):
+            assert torch.equal(straight["masks"][key][which], split["masks"][key][which]), key
+    assert read_jsonl(root / "sparse" / "metrics.jsonl") == read_jsonl(root / "sparse-split" / "metrics.jsonl")
+    records = read_jsonl(root / "sparse" / "sparsity.jsonl")
+    assert any(l["churn"] > 0 for r in records if r["step"] > 0 for l in r["layers"].values()), "masks should move"
+    reference = ckpt["masked"]
+    for name in ("sparse", "masked-then-sparse"):
+        for key, masks in reference["masks"].items():
+            assert torch.equal(masks["forward"], ckpt[name]["masks"][key]["forward"]), (name, key)
+            assert torch.equal(masks["backward"], ckpt[name]["masks"][key]["backward"]), (name, key)
+        for key, value in reference["model"].items():
+            torch.testing.assert_close(ckpt[name]["model"][key], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+
+
+def test_export_of_a_bsr_run_is_the_masked_runs(bsr_runs):
+    root, _ = bsr_runs
+    reports = {name: export_checkpoint(make_config([f"ckpt={root / name / 'checkpoints' / 'last.ckpt'}"], config_name="export"))
+               for name in ("masked", "sparse")}
+    plain = {name: torch.load(r["plain"], weights_only=True) for name, r in reports.items()}
+    bsr = {name: torch.load(r["bsr"], weights_only=True) for name, r in reports.items()}
+    assert set(plain["sparse"]) == set(plain["masked"]) and set(bsr["sparse"]) == set(bsr["masked"])
+    for key, value in plain["masked"].items():
+        torch.testing.assert_close(plain["sparse"][key], value, rtol=1e-4, atol=1e-5)
+    for key, entry in ((k, v) for k, v in bsr["sparse"].items() if isinstance(v, dict)):
+        assert entry["blocksize"] == [8, 8] and torch.equal(dense_from_bsr(entry), plain["sparse"][key])
+        assert torch.equal(entry["col_indices"], bsr["masked"][key]["col_indices"])
+    assert reports["sparse"]["density"] == pytest.approx(reports["masked"]["density"])

@@ -56,15 +56,17 @@ class SparseLayer:
     switch how the compute side uses them. Nothing else touches the compute side.
     """
 
-    def __init__(self, name: str, module: nn.Module, k_forward: int, k_backward: int, backend: str = "masked"):
+    def __init__(self, name: str, module: nn.Module, k_forward: int, k_backward: int, backend: str = "masked",
+                 blocksize: tuple = (1, 1)):
         self.name = name  # plain parameter name, e.g. "layer1.0.conv1.weight"
         self.module = module
+        self.blocksize = tuple(blocksize)  # (r, r): masks of whole blocks, which `sparse` runs in BSR
         self.k_forward = k_forward
         self.k_backward = k_backward
         self.churn = 0.0  # share of A that changed at the last mask update
         self.promotions = 0.0  # share of A that was in B \\ A before the last mask update
         # masks start empty (no entry in A or B)
-        self._compute: MaskedWeight | SparseLinearWeight = attach_sparse(module) if backend == "sparse" else attach(module)
+        self._compute: MaskedWeight | SparseLinearWeight = self._attach(backend)
 
     def __repr__(self) -> str:
         return f"SparseLayer({self.name!r}, numel={self.numel}, k_forward={self.k_forward}, k_backward={self.k_backward})"
@@ -91,8 +93,11 @@ class SparseLayer:
             return
         forward, backward = self.forward, self.backward
         self._compute.detach(self.module)
-        self._compute = attach_sparse(self.module) if backend == "sparse" else attach(self.module)
+        self._compute = self._attach(backend)
         self._compute.install(dense_parameter(self.module), forward, backward, None)
+
+    def _attach(self, backend: str) -> MaskedWeight | SparseLinearWeight:
+        return attach_sparse(self.module, self.blocksize) if backend == "sparse" else attach(self.module)
 
     def reload(self) -> None:
         """θ was written from outside (a checkpoint): the compute side takes it as it is; the
@@ -325,7 +330,8 @@ class SparsityMethod:
             return self
         timed = []
         for pname, name, module, k, k_backward, backend in self.plan(model):
-            self.layers.append(SparseLayer(pname, module, k, k_backward, "masked" if backend == "auto" else backend))
+            blocksize = self.structure.blocksize or (1, 1)  # (N:M has none, and stays masked)
+            self.layers.append(SparseLayer(pname, module, k, k_backward, "masked" if backend == "auto" else backend, blocksize))
             if backend == "auto":
                 timed.append(self.layers[-1])
         for layer in self.layers:
@@ -339,8 +345,8 @@ class SparsityMethod:
         """Why the sparse backend cannot run `module`'s weight for this method (None: it can)."""
         if self.needs_dense_gradient:
             return f"sparsity={self.name} needs the dense gradient of every weight at its updates"
-        if not self.structure.unstructured:
-            return f"{self.structure}: the sparse backend runs unstructured masks only"
+        if self.structure.sparse_reason():
+            return self.structure.sparse_reason()
         if not can_run(module):
             return f"{type(module).__name__}: the sparse backend runs Linear layers and 1x1 convolutions only"
         return None

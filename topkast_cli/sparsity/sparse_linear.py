@@ -11,6 +11,17 @@ boolean indexing). The layer's forward is replaced by `_SparseLinear`:
 - weight gradient: `torch.sparse.sampled_addmm` on A's and on B \\ A's pattern, so it costs
   O(batch x |B|) and its entries are ∂L/∂α on B (also where α is 0).
 
+With r x r blocks (`sparsity.block`) α and α^T are BSR tensors instead (A's blocks; the
+values gathered into block order for each product, `BlockPattern`); everything else is the
+code above on the masks' single weights, which whole blocks make exact: B's values keep
+their order, and the weight gradient stays `sampled_addmm` on B's weights. torch has no
+`sampled_addmm` for BSR; a batched product over B's blocks (gather each block's r rows of
+gy^T and r columns of x, `bmm`) measured 1.7-2.7x slower than it at 8x8 and 4x4 blocks
+on this CPU (4096x4096, batch 256, 20% of blocks: copying the gathered operands costs more
+than the product) and faster only from 16x16 on (0.6-0.85x). The BSR products take square
+blocks only (MKL on the CPU; "non-square blocks" is its error), so other blocks and N:M stay
+on the masked backend.
+
 Convolutions with larger kernels stay on the masked backend: through im2col the CSR product
 measured 2-7x slower than the dense convolution at 90-95% sparsity (`bench/results/backends.md`).
 
@@ -33,8 +44,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-# torch flags its CSR support as beta on first use; the kernels used here are stable ones.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+# torch flags its CSR and BSR support as beta on first use; the kernels used here are stable ones.
+warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
+
+
+@dataclass(frozen=True)
+class BlockPattern:
+    """A's r x c blocks as BSR structures, built at each mask update. B's values stay in the
+    order of single weights (`Pattern`'s); `perm` and `t_perm` gather A's part of them into
+    the block order of α and of α^T."""
+
+    size: tuple  # (r, c)
+    crow: torch.Tensor  # A's blocks in BSR
+    col: torch.Tensor
+    perm: torch.Tensor  # (blocks, r, c): where in B's values each weight of α's blocks is
+    t_crow: torch.Tensor  # A^T's blocks (c x r) in BSR: rows of blocks are θ's columns of blocks
+    t_col: torch.Tensor
+    t_perm: torch.Tensor  # (blocks, c, r): the same for α^T, each block transposed
 
 
 @dataclass(frozen=True)
@@ -54,6 +80,7 @@ class Pattern:
     c_col: torch.Tensor
     b_crow: torch.Tensor  # B in B's value order, as A stacked on B \ A: (2 out) x in
     b_col: torch.Tensor  # A's columns then B \ A's (a_col and c_col are views of it)
+    blocks: BlockPattern | None = None  # with blocks: α and α^T in BSR (then at_* are empty)
 
     @property
     def size(self) -> int:
@@ -80,10 +107,12 @@ def _counts(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return crow
 
 
-def build_pattern(forward: torch.Tensor, backward: torch.Tensor) -> Pattern:
+def build_pattern(forward: torch.Tensor, backward: torch.Tensor, blocksize: tuple = (1, 1)) -> Pattern:
     """The CSR structures of A, A^T and B \\ A, built one row block at a time: no index or
-    mask temporary of the whole layer (a refresh's memory peak)."""
+    mask temporary of the whole layer (a refresh's memory peak). With a `blocksize` other
+    than (1, 1) (masks of whole blocks), A and A^T in BSR instead of A^T in CSR."""
     split = backward is not forward
+    transpose = tuple(blocksize) == (1, 1)
     # A 1x1 convolution's (out, in, 1, ...) masks as the (out, in) matrix they are.
     forward, backward = forward.reshape(forward.shape[0], -1), backward.reshape(backward.shape[0], -1)
     out, inp = forward.shape
@@ -94,12 +123,13 @@ def build_pattern(forward: torch.Tensor, backward: torch.Tensor) -> Pattern:
     a_cols = torch.zeros(inp, dtype=torch.int64, device=device)
     for rows in blocks:
         a_rows[rows] = forward[rows].sum(1)
-        a_cols += forward[rows].sum(0)
+        if transpose:
+            a_cols += forward[rows].sum(0)
         if split:
             c_rows[rows] = (backward[rows] & ~forward[rows]).sum(1)
     a_crow, at_crow, c_crow = _counts(a_rows, dtype), _counts(a_cols, dtype), _counts(c_rows, dtype)
     k = int(a_crow[-1])
-    at_col, at_pos = (torch.empty(k, dtype=dtype, device=device) for _ in range(2))
+    at_col, at_pos = (torch.empty(k if transpose else 0, dtype=dtype, device=device) for _ in range(2))
     b_col = torch.empty(k + int(c_crow[-1]), dtype=dtype, device=device)
     a_col, c_col = b_col[:k], b_col[k:]
     # A^T's row-major order is A's entries by (column, row): an entry's place in it is its
@@ -111,15 +141,36 @@ def build_pattern(forward: torch.Tensor, backward: torch.Tensor) -> Pattern:
         col = flat % inp
         start, end = int(a_crow[rows.start]), int(a_crow[rows.stop])
         a_col[start:end] = col
-        where = placed[col] + block.cumsum(0, dtype=torch.int32).reshape(-1)[flat] - 1
-        at_col[where] = (flat // inp + rows.start).to(dtype)
-        at_pos[where] = torch.arange(start, end, dtype=dtype, device=device)
-        placed += block.sum(0)
+        if transpose:
+            where = placed[col] + block.cumsum(0, dtype=torch.int32).reshape(-1)[flat] - 1
+            at_col[where] = (flat // inp + rows.start).to(dtype)
+            at_pos[where] = torch.arange(start, end, dtype=dtype, device=device)
+            placed += block.sum(0)
         if split:
             extra = (backward[rows] & ~block).reshape(-1).nonzero().squeeze(1)
             c_col[int(c_crow[rows.start]) : int(c_crow[rows.stop])] = extra % inp
     b_crow = torch.cat([a_crow, c_crow[1:] + k])
-    return Pattern((out, inp), k, a_crow, a_col, at_crow, at_col, at_pos, c_crow, c_col, b_crow, b_col)
+    blocks = None if transpose else build_blocks(forward, a_crow, blocksize)
+    return Pattern((out, inp), k, a_crow, a_col, at_crow, at_col, at_pos, c_crow, c_col, b_crow, b_col, blocks)
+
+
+def build_blocks(forward: torch.Tensor, a_crow: torch.Tensor, blocksize: tuple) -> BlockPattern:
+    """A's blocks in BSR (of a 2-D mask of whole r x c blocks, with its CSR row pointers)."""
+    r, c = blocksize
+    dtype = a_crow.dtype
+    grid = forward[::r, ::c]  # a block is whole: its first weight says whether it is in A
+    g = build_pattern(grid, grid)  # the CSR of the grid of blocks is the BSR of A, its A^T A^T's
+    counts = (g.a_crow[1:] - g.a_crow[:-1]).to(torch.int64)  # blocks per row of blocks
+    row = torch.repeat_interleave(torch.arange(grid.shape[0], device=grid.device), counts)
+    # In B's values (single weights, row-major) the weights of row of blocks i start after
+    # a_crow[i r]; each of its r rows holds counts[i] x c of them, c per block in column order.
+    rank = torch.arange(row.numel(), device=grid.device) - g.a_crow.to(torch.int64)[row]
+    start = (a_crow[::r][:-1].to(torch.int64)[row] + rank * c).to(dtype)
+    stride = (counts[row] * c).to(dtype)
+    within = torch.arange(r, dtype=dtype, device=grid.device).view(1, r, 1)
+    perm = start.view(-1, 1, 1) + stride.view(-1, 1, 1) * within + torch.arange(c, dtype=dtype, device=grid.device)
+    t_perm = perm.index_select(0, g.at_pos).transpose(1, 2).contiguous()
+    return BlockPattern((r, c), g.a_crow, g.a_col, perm, g.at_crow, g.at_col, t_perm)
 
 
 def row_blocks(p: Pattern):
@@ -179,6 +230,25 @@ def _csr(crow, col, values, shape) -> torch.Tensor:
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+def _alpha(p: Pattern, values: torch.Tensor) -> torch.Tensor:
+    """α: A's values in CSR, or gathered into A's blocks in BSR."""
+    if p.blocks is None:
+        return _csr(p.a_crow, p.a_col, values[: p.k], p.shape)
+    b = p.blocks
+    blocks = values.index_select(0, b.perm.view(-1)).view(-1, *b.size)
+    return torch.sparse_bsr_tensor(b.crow, b.col, blocks, p.shape, check_invariants=False)
+
+
+def _alpha_t(p: Pattern, values: torch.Tensor) -> torch.Tensor:
+    """α^T, built as its own CSR or BSR tensor (torch multiplies by neither format's transpose
+    view on the CPU)."""
+    if p.blocks is None:
+        return _csr(p.at_crow, p.at_col, values[: p.k].index_select(0, p.at_pos), p.shape[::-1])
+    b = p.blocks
+    blocks = values.index_select(0, b.t_perm.view(-1)).view(-1, *b.size[::-1])
+    return torch.sparse_bsr_tensor(b.t_crow, b.t_col, blocks, p.shape[::-1], check_invariants=False)
+
+
 def _weight_gradient(p: Pattern, gy_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     """∂L/∂α on B, in B's value order: (gy^T x) sampled at A's entries and then at B \\ A's,
     in one kernel call on the stacked pattern (rows of A, then rows of B \\ A, against gy^T
@@ -203,7 +273,7 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, p: Pattern):
-        alpha = _csr(p.a_crow, p.a_col, values[: p.k], p.shape)
+        alpha = _alpha(p, values)
         x_t = x.t().contiguous()  # free when x is itself a transposed view
         ctx.save_for_backward(x_t, values)
         ctx.pattern = p  # a refresh builds a new Pattern: this step's stays valid
@@ -216,8 +286,7 @@ class _SparseLinear(torch.autograd.Function):
         grad_x = grad_values = None
         gy_t = gy.t().contiguous()
         if ctx.needs_input_grad[0]:
-            alpha_t = _csr(p.at_crow, p.at_col, values[: p.k].index_select(0, p.at_pos), p.shape[::-1])
-            grad_x = torch.sparse.mm(alpha_t, gy_t).t()
+            grad_x = torch.sparse.mm(_alpha_t(p, values), gy_t).t()
         if ctx.needs_input_grad[1]:
             grad_values = _weight_gradient(p, gy_t, x_t)
         return grad_x, grad_values, None
@@ -275,12 +344,14 @@ def _pointwise_conv(module: nn.Module, side: "SparseLinearWeight", x: torch.Tens
 
 class SparseLinearWeight(nn.Module):
     """The sparse compute side (see the module docstring). Holds the layer's bool masks, as
-    the masked side does, plus B's values and the CSR patterns built from the masks."""
+    the masked side does, plus B's values and the CSR (and with blocks BSR) patterns built
+    from the masks; `blocksize` (r, r) for masks of whole blocks."""
 
     backend = "sparse"
 
-    def __init__(self, theta: torch.Tensor):
+    def __init__(self, theta: torch.Tensor, blocksize: tuple = (1, 1)):
         super().__init__()
+        self.blocksize = tuple(blocksize)
         empty = torch.zeros(theta.shape, dtype=torch.bool, device=theta.device)
         self.forward_mask = empty  # A
         self.backward_mask = empty  # B ⊇ A; the same tensor when B = A
@@ -318,7 +389,7 @@ class SparseLinearWeight(nn.Module):
         self.sync(theta)
         self.values.grad = None  # this step's gradient is spent, and has the old size
         self.forward_mask = self.backward_mask = None  # the old masks may go before the new index is built
-        pattern = build_pattern(forward, backward)
+        pattern = build_pattern(forward, backward, self.blocksize)
         state = optimizer.state.get(self.values) if optimizer is not None else None
         if state:
             for key in list(state):  # one at a time: each old tensor goes before the next is made
@@ -367,6 +438,9 @@ class SparseLinearWeight(nn.Module):
         counted with the optimizer's parameters)."""
         p = self.pattern
         index = [p.a_crow, p.a_col, p.at_crow, p.at_col, p.at_pos, p.c_crow, p.c_col]
+        if p.blocks is not None:
+            b = p.blocks
+            index += [b.crow, b.col, b.perm, b.t_crow, b.t_col, b.t_perm]
         return {"masks": [self.forward_mask, self.backward_mask], "index": index}
 
     def detach(self, module: nn.Module) -> None:
@@ -392,11 +466,12 @@ def can_run(module: nn.Module) -> bool:
     return no_padding and all(k == 1 for k in module.kernel_size)
 
 
-def attach_sparse(module: nn.Module) -> SparseLinearWeight:
-    """Parametrize `module.weight` (reads give α) and replace its forward by the CSR kernel.
-    θ stays the Parameter object it was, no longer trained directly."""
+def attach_sparse(module: nn.Module, blocksize: tuple = (1, 1)) -> SparseLinearWeight:
+    """Parametrize `module.weight` (reads give α) and replace its forward by the CSR (or, with
+    `blocksize` r x r, the BSR) kernel. θ stays the Parameter object it was, no longer trained
+    directly."""
     theta = module.weight
-    side = SparseLinearWeight(theta.detach())
+    side = SparseLinearWeight(theta.detach(), blocksize)
     parametrize.register_parametrization(module, "weight", side, unsafe=True)
     module.forward = functools.partial(_forward, module, side)
     theta.requires_grad_(False)

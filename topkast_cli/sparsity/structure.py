@@ -7,6 +7,7 @@ convolution's out channels x (in channels x kernel positions, in PyTorch's order
 - `Blocks(r, c)`: A and B are the top k_A and k_B of the matrix's r x c blocks by the block's
   L2 norm of θ, exact k in blocks (k = round(D x blocks)); the densities count blocks (ERK
   too). `Blocks(1, 1)` is unstructured Top-KAST, through the very same top-k as without blocks.
+  The sparse backend computes with square blocks in BSR (`sparse_linear`).
 - `NM(n, m, n_backward)`: in every group of m consecutive entries of a row (m consecutive
   inputs), A keeps the n largest |θ| and B the n_backward largest (B ⊇ A); the forward
   density is n/m.
@@ -69,6 +70,13 @@ class Blocks:
 
     def __str__(self) -> str:
         return f"sparsity.block=[{self.rows}, {self.cols}]"
+
+    def sparse_reason(self) -> str | None:
+        """Why the sparse backend cannot compute with these blocks (None: it can; single
+        weights in CSR, square blocks in BSR)."""
+        if self.rows != self.cols:
+            return f"{self}: its BSR kernels take square blocks only"
+        return None
 
     def check(self, name: str, shape: tuple) -> None:
         """A UserError if the blocks do not tile layer `name`'s matrix."""
@@ -137,6 +145,9 @@ class NM:
 
     def __str__(self) -> str:
         return f"sparsity.nm=[{self.n}, {self.m}]"
+
+    def sparse_reason(self) -> str | None:
+        return f"{self}: N:M has no sparse kernel here"
 
     def check(self, name: str, shape: tuple) -> None:
         out, cols = matrix_shape(shape)

@@ -51,9 +51,10 @@ class TopKAST(SparsityMethod):
         super().__init__(forward, effective_backward, regularization=regularization, **selection)
         self.backward_given = backward
         self.structure = structure
-        if self.backend == "sparse" and not structure.unstructured:
-            raise UserError(f"sparsity.backend=sparse runs unstructured masks only; with {structure} use "
-                            "sparsity.backend=masked (auto keeps such layers masked)")
+        reason = structure.sparse_reason()
+        if self.backend == "sparse" and reason:
+            raise UserError(f"sparsity.backend=sparse cannot run {reason}; use sparsity.backend=masked "
+                            "(auto keeps such layers masked)")
         if not isinstance(keep_units, bool):
             raise UserError(f"sparsity.keep_units={keep_units!r} must be true or false")
         # every output unit keeps its largest weight in A (and so in B): no unit is cut off
