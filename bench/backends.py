@@ -11,6 +11,9 @@ stepped by its `train_step` in interleaved rounds (load on the machine falls on 
 - peak memory: each setting in a fresh process (`bench.memory`), over a few steps with a
   refresh among them: of live tensors (the CPU's counterpart of CUDA's allocator peak), and
   of resident memory (which also holds what the C allocator keeps mapped after frees).
+
+The wide MLP also runs the sparse backend on r x r blocks (`sparsity.block`, α in BSR) against
+its unstructured CSR, with the same figures.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 HAS_TRANSFORMER = (ROOT / "topkast_cli" / "conf" / "model" / "transformer.yaml").exists() and TEXT.exists()
 
 # name: (overrides, rounds x steps per round, quick overrides, Top-KAST overrides)
+WIDE = "MLP 1024-4096-4096-10, synthetic (batch 256), every layer sparse"
 MODELS = {
-    "MLP 1024-4096-4096-10, synthetic (batch 256), every layer sparse": (
+    WIDE: (
         ["model=mlp", "model.hidden=[4096,4096]", "dataset=synthetic", "dataset.input_shape=[1024]",
          "dataset.batch_size=256", "dataset.train_size=2048"],
         (3, 4),
@@ -54,6 +58,10 @@ if HAS_TRANSFORMER:
     )
 SPARSITIES = {"80/60": (0.8, 0.6), "90/80": (0.9, 0.8), "95/90": (0.95, 0.9)}
 BACKENDS = ("masked", "sparse", "auto")
+BLOCKS = (4, 8, 16, 32)  # r x r blocks on the sparse backend (BSR), the wide MLP
+BLOCK_SPARSITIES = ("90/80", "95/90")
+# The 10-way classifier has no 4-row blocks: with blocks it stays dense (40K of 21M weights).
+BLOCK_EXTRA = ["sparsity.dense_layers=[net.5]"]
 REFRESH_EVERY = 25  # Top-KAST's default refresh interval
 NEVER = 1000000000  # the timed runs never refresh on their own: refreshes are timed apart
 
@@ -62,6 +70,15 @@ def settings(forward: float, backward: float, extra: list[str], refresh: int = N
     topkast = ["sparsity=topkast", f"sparsity.forward={forward}", f"sparsity.backward={backward}",
                "sparsity.exploration_steps=null", f"sparsity.refresh_interval={refresh}", *extra]
     return {"dense": ["sparsity=dense"], **{b: [*topkast, f"sparsity.backend={b}"] for b in BACKENDS}}
+
+
+def block_settings(forward: float, backward: float, extra: list[str], refresh: int = NEVER) -> dict[str, list[str]]:
+    """Dense, the sparse backend unstructured (CSR), and on each of `BLOCKS` (BSR)."""
+    plain = settings(forward, backward, extra, refresh)
+    out = {"dense": plain["dense"], "sparse, unstructured (CSR)": plain["sparse"]}
+    for b in BLOCKS:
+        out[f"sparse, {b}x{b} blocks (BSR)"] = [*plain["sparse"], f"sparsity.block=[{b},{b}]", *BLOCK_EXTRA]
+    return out
 
 
 def inference_seconds(run, x: torch.Tensor, n: int) -> float:
@@ -88,13 +105,13 @@ def peak_memory(overrides: list[str], steps: int) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(overrides: list[str], extra: list[str], forward: float, backward: float, rounds: int, steps: int, quick: bool) -> dict:
+def measure(overrides: list[str], named: dict[str, list[str]], rounds: int, steps: int, quick: bool) -> dict:
     """Seconds per step, per refresh and per inference pass, and the backends chosen, for
-    dense and each backend at one sparsity."""
+    each of the `named` settings (dense among them)."""
     found, refused = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
-        for i, (name, o) in enumerate(settings(forward, backward, extra).items()):
+        for i, (name, o) in enumerate(named.items()):
             try:
                 runs[name] = make_run([*overrides, *o], Path(tmp) / str(i))
             except UserError as e:
@@ -138,7 +155,7 @@ def main(out: Path, quick: bool = False) -> Path:
         notes = {}
         for label, (forward, backward) in sparsities.items():
             print(f"backends: {model}, {label}", flush=True)
-            r = measure(overrides, extra, forward, backward, rounds, steps, quick)
+            r = measure(overrides, settings(forward, backward, extra), rounds, steps, quick)
             memory = {} if quick else {
                 name: peak_memory([*overrides, *o], 4)  # a refresh among the 4 steps
                 for name, o in settings(forward, backward, extra, refresh=2).items()
@@ -176,8 +193,40 @@ def main(out: Path, quick: bool = False) -> Path:
                 lines.append("")
         for label, by_layer in notes.items():
             lines.append(f"\n`auto` at {label}: " + "; ".join(f"{k}: {v}" for k, v in by_layer.items()))
+    lines += block_table(quick)
     lines += conv_table(quick)
     return write(out, "backends.md", "\n".join(lines) + "\n")
+
+
+def block_table(quick: bool) -> list[str]:
+    """The wide MLP on the sparse backend with r x r blocks (BSR) and unstructured (CSR), as
+    ratios to dense in the same process: whole step, refresh, peak memory."""
+    overrides, (rounds, steps), small, extra = MODELS[WIDE]
+    overrides = [*overrides, *small] if quick else overrides
+    rounds, steps = (1, 2) if quick else (rounds, steps)
+    lines = [f"\n## Blocks on the sparse backend: {WIDE.split(',')[0]}\n",
+             f"{rounds} rounds x {steps} steps per setting; with blocks the 10-way classifier stays dense "
+             "(it has no 4-row blocks). α and α^T in BSR, the weight gradient `sampled_addmm` on B's weights.\n",
+             "| sparsity | setting | step | refresh (dense steps) | inference | peak memory (tensors) | peak resident memory |",
+             "|---|---|---|---|---|---|---|"]
+    for label in BLOCK_SPARSITIES[:1] if quick else BLOCK_SPARSITIES:
+        forward, backward = SPARSITIES[label]
+        print(f"backends: blocks, {label}", flush=True)
+        r = measure(overrides, block_settings(forward, backward, extra), rounds, steps, quick)
+        memory = {} if quick else {
+            name: peak_memory([*overrides, *o], 4) for name, o in block_settings(forward, backward, extra, refresh=2).items()
+        }
+        dense, dense_memory = r["found"]["dense"], memory.get("dense") or {}
+        for name, f in r["found"].items():
+            m = memory.get(name) or {}
+            step = f"1.00 ({f['step'] * 1e3:.1f} ms)" if name == "dense" else _ratio(f["step"], dense["step"])
+            refresh = "-" if name == "dense" else _ratio(f["refresh"], dense["step"])
+            lines.append(f"| {label} | {name} | {step} | {refresh} | {_ratio(f['inference'], dense['inference'])} "
+                         f"| {_ratio(m.get('tensor peak'), dense_memory.get('tensor peak'))} "
+                         f"| {_ratio(m.get('peak'), dense_memory.get('peak'))} |")
+        for name, why in r["refused"].items():
+            lines.append(f"| {label} | {name} | refused: {why} | | | | |")
+    return lines
 
 
 # (in channels, out channels, side, batch): ResNet-50's 1x1 convolutions at three stages, and

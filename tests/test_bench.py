@@ -41,6 +41,16 @@ def test_quick_backend_table_has_every_backend_machine_and_date(tmp_path):
     assert "peak memory (tensors)" in text
 
 
+def test_quick_block_rows_cover_every_block_size():
+    from bench import backends
+
+    text = "\n".join(backends.block_table(quick=True))
+    assert "| 90/80 | dense | 1.00 (" in text and "| 90/80 | sparse, unstructured (CSR) |" in text
+    for b in backends.BLOCKS:
+        assert f"| 90/80 | sparse, {b}x{b} blocks (BSR) |" in text  # measured, or refused by the tiny MLP
+    assert "peak memory (tensors)" in text
+
+
 @pytest.mark.slow
 def test_quick_bench_writes_every_result(tmp_path):
     out = tmp_path / "results"
