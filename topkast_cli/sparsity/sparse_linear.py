@@ -159,7 +159,7 @@ def build_blocks(forward: torch.Tensor, a_crow: torch.Tensor, blocksize: tuple) 
     r, c = blocksize
     dtype = a_crow.dtype
     grid = forward[::r, ::c]  # a block is whole: its first weight says whether it is in A
-    g = build_pattern(grid, grid)  # the CSR of the grid of blocks is the BSR of A, its A^T A^T's
+    g = build_pattern(grid, grid)  # the grid's CSR (and its transpose's) are A's (and A^T's) BSR structures
     counts = (g.a_crow[1:] - g.a_crow[:-1]).to(torch.int64)  # blocks per row of blocks
     row = torch.repeat_interleave(torch.arange(grid.shape[0], device=grid.device), counts)
     # In B's values (single weights, row-major) the weights of row of blocks i start after
