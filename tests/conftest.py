@@ -16,6 +16,7 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from topkast_cli.config import compose
+from topkast_cli.run import kept_torch_settings, set_torch_settings, torch_settings
 
 # Small tensors: one thread is faster than two, and keeps parallel test jobs from fighting.
 torch.set_num_threads(1)
@@ -32,11 +33,32 @@ TINY = [
 ]
 
 
+def changed_torch_settings(before: dict) -> dict:
+    """The process-wide torch settings that differ from `before`, {name: (before, now)};
+    `before` is put back."""
+    now = torch_settings()
+    set_torch_settings(before)
+    return {k: (before[k], now[k]) for k in before if now[k] != before[k]}
+
+
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tests that build runs with trainer.threads set get one thread back afterwards."""
+def no_leaked_torch_settings():
+    """A test that leaves deterministic algorithms on, another thread count or dtype changes
+    what every later test in this process computes, and how fast: fail the test that leaked
+    instead. (A run puts back what it sets: `run.kept_torch_settings`.)"""
+    before = torch_settings()
     yield
-    torch.set_num_threads(1)
+    changed = changed_torch_settings(before)
+    assert not changed, f"the test left process-wide torch settings changed (before, now): {changed}"
+
+
+@pytest.fixture
+def builds_runs():
+    """For a test that calls build_run itself: the commands put back the process-wide settings
+    a run sets (threads, deterministic algorithms, cuDNN's), a bare build_run leaves them to
+    its caller."""
+    with kept_torch_settings():
+        yield
 
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

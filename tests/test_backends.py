@@ -73,6 +73,7 @@ def test_summary_records_each_layers_backend(runs):
     assert max(acc) - min(acc) <= 1.0, acc
 
 
+@pytest.mark.usefixtures("builds_runs")  # (build_run in the test)
 def test_the_sparse_backend_trains_only_b_and_holds_no_dense_gradient():
     run = build_run(make_config([*MLP, "sparsity.backend=sparse"]))
     sizes = {id(p): p.numel() for g in run.optimizer.param_groups for p in g["params"]}
@@ -81,6 +82,7 @@ def test_the_sparse_backend_trains_only_b_and_holds_no_dense_gradient():
         assert sizes[id(layer.trained)] == layer.k_backward
 
 
+@pytest.mark.usefixtures("builds_runs")  # (build_run in the test)
 def test_auto_keeps_what_it_cannot_run_masked_and_says_why(tmp_path):
     overrides = [*TINY, "sparsity.backend=auto", "trainer.tensorboard=false"]  # the default CNN
     summary = train(make_config(overrides), tmp_path)
@@ -93,6 +95,7 @@ def test_auto_keeps_what_it_cannot_run_masked_and_says_why(tmp_path):
     assert log == "" or "sparsity.backend=auto" in log
 
 
+@pytest.mark.usefixtures("builds_runs")  # (build_run in the test)
 def test_a_rigl_run_on_auto_stays_masked():
     plain = [o for o in MLP if not o.startswith("sparsity.")]
     run = build_run(make_config([*plain, "sparsity=rigl", "sparsity.backend=auto", "sparsity.dense_first=false"]))

@@ -27,6 +27,7 @@ def test_pivot_is_mean_and_std_over_seeds_per_method_and_sparsity():
     assert lines[4] == "| topkast | - | 82.0 ± 2.8 |"
 
 
+@pytest.mark.usefixtures("builds_runs")  # (bench.backends calls build_run)
 def test_quick_backend_table_has_every_backend_machine_and_date(tmp_path):
     from bench import backends
 

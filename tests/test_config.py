@@ -26,7 +26,7 @@ def test_config_groups_exist():
 
 # Options with a mandatory value (`???`) the user must give, and image models, which need
 # an image dataset (the default is the 1-D MNIST-1D).
-IMAGE_MODELS = ("resnet18", "resnet50", "wrn22_2", "wrn28_10", "vgg16")
+IMAGE_MODELS = ("cnn2d", "resnet18", "resnet50", "wrn22_2", "wrn28_10", "vgg16")
 REQUIRED = {("model", m): ["dataset=synthetic"] for m in IMAGE_MODELS}
 REQUIRED.update({("dataset", d): ["model=mlp"] for d in ("synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "digits")})
 REQUIRED[("dataset", "imagefolder")] = ["model=mlp", "dataset.root={tmp}"]

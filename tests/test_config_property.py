@@ -83,12 +83,14 @@ def accepted_or_user_error(pairs, run_dir) -> None:
         check_one_line(e, pairs)
 
 
+@pytest.mark.usefixtures("builds_runs")  # (build_run in the test)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(pairs=overrides)
 def test_numeric_overrides_are_accepted_or_one_line_errors(pairs, tmp_path):
     accepted_or_user_error(pairs, tmp_path)
 
 
+@pytest.mark.usefixtures("builds_runs")  # (build_run in the test)
 @pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(pairs=overrides)

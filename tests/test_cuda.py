@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+@pytest.mark.usefixtures("builds_runs")  # (build_run in the test)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_a_convnet_trains_on_the_gpu_in_mixed_precision(precision, compiled):

@@ -31,6 +31,7 @@ def exported(request, tmp_path_factory):
     return cfg, report, metric
 
 
+@pytest.mark.usefixtures("builds_runs")  # (build_run in the test)
 def test_the_plain_state_dict_loads_into_the_plain_model_and_gives_evals_metric(exported):
     cfg, report, metric = exported
     run = build_run(cfg)  # only for its data: the plain model is built from the config alone

@@ -4,30 +4,41 @@ and a quick run writes the report."""
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from bench import suite
 from bench.suite import METHODS, SETTINGS, TASKS, Job, Results, Task, collapsed, gap, jobs_for
 
-from .conftest import make_config
+from conftest import make_config
+
+
+def _compose(job):
+    overrides = [o for o in job.overrides if not o.startswith("dataset.path=")]  # (a file the test need not have)
+    if TASKS[job.task].needs is not None:
+        overrides.append(f"dataset.path={Path(__file__)}")
+    return make_config(overrides)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_every_task_composes_with_every_method_and_setting(name, tmp_path):
-    task = TASKS[name]
-    jobs = jobs_for(tmp_path, "current", (), [name], list(METHODS), (0,), quick=False)
-    for setting, (applies, extra) in SETTINGS.items():
-        jobs += [j for j in jobs_for(tmp_path, setting, extra, [name], list(METHODS)[1:], (0,), quick=False)
-                 if METHODS[j.method][0] in applies]
-    for job in jobs:
-        overrides = [o for o in job.overrides if not o.startswith("dataset.path=")]  # (a file the test need not have)
-        if task.needs is not None:
-            overrides.append(f"dataset.path={Path(__file__)}")
-        cfg = make_config(overrides)
+def test_every_task_composes_with_every_method(name, tmp_path):
+    for job in jobs_for(tmp_path, "current", (), [name], list(METHODS), (0,), quick=False):
+        cfg = _compose(job)
         method, forward = METHODS[job.method]
         assert cfg.sparsity._target_.lower().endswith(method)
         assert cfg.seed == 0 and cfg.trainer.threads == 1
         if method != "dense":
             assert cfg.sparsity.forward == forward
+
+
+def test_every_setting_composes_and_sets_what_it_names(tmp_path):
+    for setting, (applies, extra) in SETTINGS.items():
+        method = next(m for m in METHODS if METHODS[m][0] == applies[0])
+        (job,) = jobs_for(tmp_path, setting, extra, ["digits_mlp"], [method], (0,), quick=False)
+        cfg = _compose(job)
+        for override in extra:
+            key, value = override.split("=", 1)
+            got = OmegaConf.select(cfg, key)
+            assert (got is None and value == "null") or str(got) == value or float(got) == float(value), (setting, override)
 
 
 def test_suite_spans_model_families_optimizers_and_batch_norm():

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, make_config, run_topkast
+from conftest import TINY, changed_torch_settings, make_config, run_topkast
 from topkast_cli.checkpoint import load_checkpoint
 from topkast_cli.run_logs import read_jsonl
 from topkast_cli.commands.train import train
@@ -102,3 +103,47 @@ def test_fp16_needs_cuda(tmp_path):
         pytest.skip("fp16 is allowed on CUDA")
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
         train(make_config([*TINY, "trainer.precision=fp16"]), tmp_path)
+
+
+def test_a_run_in_process_puts_back_the_torch_settings_it_sets(tmp_path, monkeypatch):
+    """trainer.threads and trainer.deterministic hold during the run and are undone after it,
+    so a caller that trains in-process (a test, a benchmark's worker) keeps its own."""
+    from topkast_cli.commands import train as command
+    from topkast_cli.run import torch_settings
+
+    during = {}
+
+    def fit(run, *a, **k):
+        during.update(torch_settings())
+        return real_fit(run, *a, **k)
+
+    real_fit = command.fit
+    monkeypatch.setattr(command, "fit", fit)
+    before = torch_settings()
+    train(make_config([*TINY, "trainer.max_steps=5", "trainer.threads=2", "trainer.deterministic=true",
+                       "trainer.tensorboard=false"]), tmp_path)
+    assert during["num_threads"] == 2 and during["deterministic_algorithms"] and not during["cudnn.benchmark"]
+    assert before["num_threads"] != 2 and not before["deterministic_algorithms"]
+    assert torch_settings() == before
+
+
+LEAKS = {
+    "num_threads": lambda: torch.set_num_threads(torch.get_num_threads() + 1),
+    "deterministic_algorithms": lambda: torch.use_deterministic_algorithms(True),
+    "deterministic_warn_only": lambda: torch.use_deterministic_algorithms(True, warn_only=True),
+    "cudnn.benchmark": lambda: setattr(torch.backends.cudnn, "benchmark", not torch.backends.cudnn.benchmark),
+    "cudnn.deterministic": lambda: setattr(torch.backends.cudnn, "deterministic", not torch.backends.cudnn.deterministic),
+    "default_dtype": lambda: torch.set_default_dtype(torch.float64),
+}
+
+
+@pytest.mark.parametrize("name", LEAKS)
+def test_the_settings_guard_names_a_leak_and_puts_it_back(name):
+    """conftest's no_leaked_torch_settings fails a test on what this finds."""
+    from topkast_cli.run import torch_settings
+
+    before = torch_settings()
+    LEAKS[name]()
+    assert name in changed_torch_settings(before)
+    assert torch_settings() == before
+    assert changed_torch_settings(before) == {}

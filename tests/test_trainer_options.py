@@ -38,12 +38,14 @@ def steps(overrides, n: int = 4) -> dict:
     return {k: v.detach().clone() for k, v in run.model.state_dict().items()}
 
 
+@pytest.mark.usefixtures("builds_runs")  # (build_run in the test)
 def test_channels_last_trains_the_same_network():
     plain, last = steps(CNN), steps([*CNN, "trainer.channels_last=true"])
     for k in plain:
         assert torch.allclose(plain[k].float(), last[k].float(), atol=2e-4), k  # (lr x rounding)
 
 
+@pytest.mark.usefixtures("builds_runs")  # (build_run in the test)
 def test_channels_last_is_used_for_conv2d_models_only():
     run = build_run(make_config([*CNN, "trainer.channels_last=true"]))
     conv = next(m for m in run.model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -51,6 +53,7 @@ def test_channels_last_is_used_for_conv2d_models_only():
     assert not build_run(make_config([*TINY, "trainer.channels_last=true"])).channels_last  # (a 1-D CNN)
 
 
+@pytest.mark.usefixtures("builds_runs")  # (build_run in the test)
 @pytest.mark.slow
 def test_compiled_model_trains_the_same_network_through_refreshes_and_the_lock():
     args = [*TINY, "trainer.deterministic=true", "sparsity.exploration_steps=3"]

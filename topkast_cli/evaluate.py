@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint
 from .config import PRECISIONS, compose
 from .errors import UserError
 from .flops import count_flops, total
-from .run import build_run, restore
+from .run import build_run, kept_torch_settings, restore
 from .run_logs import write_json_atomic
 from .tasks import evaluate
 
@@ -152,6 +152,7 @@ def run_config(state: dict, e: DictConfig) -> DictConfig:
     return saved
 
 
+@kept_torch_settings()
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """Evaluate `cfg.ckpt` as `cfg.eval` says; write the JSON report; return it."""
     e = cfg.eval

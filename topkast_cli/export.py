@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import save_checkpoint
 from .errors import UserError
 from .evaluate import load, run_config
-from .run import build_run, restore
+from .run import build_run, kept_torch_settings, restore
 from .sparsity import computed_state_dict
 
 log = logging.getLogger("topkast")
@@ -91,6 +91,7 @@ def _mib(path: Path) -> float:
     return path.stat().st_size / 2**20
 
 
+@kept_torch_settings()
 def export_checkpoint(cfg: DictConfig) -> dict:
     """Write both forms of `cfg.ckpt`'s network; print and return their sizes and density."""
     state = load(str(cfg.ckpt))

@@ -43,6 +43,38 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def torch_settings() -> dict:
+    """The process-wide torch settings: those a run sets (`trainer.threads`,
+    `trainer.deterministic`, cuDNN's algorithm choice) and the others code may change."""
+    return {
+        "num_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "cudnn.deterministic": torch.backends.cudnn.deterministic,
+        "default_dtype": torch.get_default_dtype(),
+    }
+
+
+def set_torch_settings(settings: dict) -> None:
+    torch.set_num_threads(settings["num_threads"])
+    torch.use_deterministic_algorithms(settings["deterministic_algorithms"], warn_only=settings["deterministic_warn_only"])
+    torch.backends.cudnn.benchmark = settings["cudnn.benchmark"]
+    torch.backends.cudnn.deterministic = settings["cudnn.deterministic"]
+    torch.set_default_dtype(settings["default_dtype"])
+
+
+@contextlib.contextmanager
+def kept_torch_settings():
+    """Puts back the process-wide torch settings afterwards: a run sets them for itself, and a
+    caller that runs in-process (a test, a benchmark's worker) keeps its own. (Also a decorator.)"""
+    before = torch_settings()
+    try:
+        yield
+    finally:
+        set_torch_settings(before)
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """The same seed on every rank: the ranks start from the same θ and masks, and draw the
     same random masks later (static, SET) without exchanging them."""

@@ -22,7 +22,7 @@ from ..distributed import World
 from ..errors import RunFailed, UserError
 from ..loop import fit
 from ..resume import check_fresh, check_resume, resume_path
-from ..run import build_run, check_run, restore
+from ..run import build_run, check_run, kept_torch_settings, restore
 from ..run_logs import RunLogs, write_json_atomic
 from ..signals import StopSignals
 from ..summary import hparams, summarize
@@ -83,9 +83,11 @@ def check_processes(cfg: DictConfig, world: World, multirun: bool) -> int:
     return devices
 
 
+@kept_torch_settings()
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train as `cfg` says, writing into `run_dir`; returns the summary. Under torchrun or
-    the SLURM launcher, as this process's rank."""
+    the SLURM launcher, as this process's rank. The process-wide torch settings the run sets
+    are put back when it ends."""
     world = World.from_env()
     distributed.setup(world, cfg.trainer.timeout_min)
     try:
