@@ -94,7 +94,8 @@ CHECKS: dict[str, Task] = {
     "paper_cnn": Task("MNIST-1D paper's CNN: cnn1d 25 channels, strides 2-2-2, Adam 1e-2, 6000 steps (DESIGN.md §4)",
                       "1-D CNN", ("model=cnn1d", "model.strides=[2,2,2]", "dataset=mnist1d"), ("trainer.max_steps=8", "model.channels=8")),
 }
-CHECK_METHODS = {"default_task": ["dense", "topkast90"], "paper_cnn": ["dense", "topkast90", "topkast95"]}
+CHECK_METHODS = {"default_task": ["dense", "topkast90", "topkast95", "rigl95", "set95"],
+                 "paper_cnn": ["dense", "topkast90", "topkast95"]}
 
 # The methods, each with its defaults (conf/sparsity/); name -> (method, forward sparsity)
 METHODS: dict[str, tuple[str, float]] = {
@@ -117,7 +118,7 @@ SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 for lam in (0.0002, 0.0005, 0.002, 0.02):
     SETTINGS[f"coupled_{lam:g}"] = (DYNAMIC, ("sparsity.regularization_form=coupled", f"sparsity.regularization={lam:g}"))
-for lam in (0.01, 0.02):
+for lam in (0.01, 0.02, 0.05):
     SETTINGS[f"decoupled_{lam:g}"] = (DYNAMIC, ("sparsity.regularization_form=decoupled", f"sparsity.regularization={lam:g}"))
 # the schedule and the restart of Adam moments, on top of a regulariser setting
 for base in ("current", "former", "coupled_0.0002", "coupled_0.0005", "coupled_0.002"):
@@ -171,7 +172,8 @@ def _init_worker() -> None:
 def run_job(job: Job) -> dict:
     """Train one job in this process (a worker) unless its run directory holds a finished
     run of the same composed config (`config.yaml` beside `summary.json`: a run made before
-    a default changed is run again); its summary, or a failed record."""
+    a default changed, or one that was interrupted, is run again); its summary, or a failed
+    record."""
     from omegaconf import OmegaConf
 
     from topkast_cli.commands.train import train
@@ -180,7 +182,9 @@ def run_job(job: Job) -> dict:
     cfg = without_hydra(compose("train", list(job.overrides)))
     summary, config = job.run_dir / "summary.json", job.run_dir / "config.yaml"
     if summary.is_file() and config.is_file() and config.read_text() == OmegaConf.to_yaml(cfg):
-        return json.loads(summary.read_text())
+        done = json.loads(summary.read_text())
+        if done.get("status") in ("completed", "failed"):  # (an interrupted run is run again)
+            return done
     shutil.rmtree(job.run_dir, ignore_errors=True)
     job.run_dir.mkdir(parents=True)
     config.write_text(OmegaConf.to_yaml(cfg))
@@ -192,11 +196,18 @@ def run_job(job: Job) -> dict:
     return json.loads(summary.read_text())
 
 
-def run_all(jobs: list[Job], workers: int) -> dict[Job, dict]:
+def run_all(jobs: list[Job], workers: int, run: bool = True) -> dict[Job, dict]:
+    """The summaries of `jobs`, trained by `workers` processes; `run=False`: only the runs
+    that exist (whatever config they had)."""
     import multiprocessing
 
+    import torch
     from tqdm import tqdm
 
+    torch.set_num_threads(1)  # (as every run: the results' header says so)
+    if not run:
+        found = {j: json.loads((j.run_dir / "summary.json").read_text()) for j in jobs if (j.run_dir / "summary.json").is_file()}
+        return {j: s for j, s in found.items() if s.get("status") != "interrupted"}
     os.environ["OMP_NUM_THREADS"] = "1"  # (the workers inherit it)
     results = {}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker) as pool:
@@ -355,15 +366,16 @@ def targets(r: Results, tasks: list[str]) -> str:
 
 
 def checks_table(r: Results) -> str:
-    lines = ["| run | what | method | defaults | final | gap to dense |", "|---|---|---|---|---|---|"]
+    lines = ["| run | method | defaults | final | worst seed | gap to dense | seeds at chance |", "|---|---|---|---|---|---|---|"]
     for name, methods in CHECK_METHODS.items():
         for m in methods:
             for setting in ("current", "former"):
                 if not r.values.get((setting, name, m)) or (m == "dense" and setting != "current"):
                     continue
                 label = "-" if m == "dense" else ("former (coupled, λ 0.005)" if setting == "former" else "current")
-                lines.append(f"| {name} | {CHECKS[name].title} | {m} | {label} | {_pm(r.finals(setting, name, m))} | "
-                             f"{'' if m == 'dense' else _cell(r.mean_gap(setting, name, m))} |")
+                values = r.finals(setting, name, m)
+                lines.append(f"| {name} | {m} | {label} | {_pm(values)} | {min(values, default=float('nan')):.1f} | "
+                             f"{'' if m == 'dense' else _cell(r.mean_gap(setting, name, m))} | {r.collapses(setting, name, m)} |")
     gaps = r.gaps("current", "default_task", "topkast90")
     if gaps:
         g = statistics.fmean(gaps)
@@ -391,8 +403,9 @@ def report(r: Results, out: Path, seeds, quick: bool) -> Path:
         text += ("\nTop-KAST with the former defaults (coupled regulariser, λ = 0.005), same tasks and seeds:\n\n"
                  + gap_table(r, "former", ["topkast90", "topkast95"], tasks))
     text += "\n## Targets\n\n" + targets(r, tasks)
-    text += ("\n## Full-length runs (not used to choose defaults)\n\nFinal held-out accuracy, mean ± std over the seeds; "
-             "gap to dense in points.\n\n" + checks_table(r))
+    text += ("\n## Full-length runs (not used to choose defaults)\n\n"
+             + "".join(f"- `{name}`: {task.title}\n" for name, task in CHECKS.items())
+             + "\nFinal held-out accuracy, mean ± std over the seeds; gap to dense in points.\n\n" + checks_table(r))
     text += "\n![gap to dense against sparsity](suite.png)\n\n## Every run (final metric, mean ± std over seeds)\n\n"
     text += "| task | method | setting | final |\n|---|---|---|---|\n"
     for (setting, t, m), _ in sorted(r.values.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
@@ -439,17 +452,19 @@ def main(out: Path = RESULTS, quick: bool = False, jobs: int = 2, runs: Path | N
     grid += jobs_for(root, "former", FORMER, tasks, ["topkast90", "topkast95"] if not quick else ["topkast90"], seeds, quick)
     for name, methods in CHECK_METHODS.items():
         grid += jobs_for(root, "current", (), [name], methods[: 2 if quick else None], seeds, quick)
-        grid += jobs_for(root, "former", FORMER, [name], [m for m in methods if m != "dense"][: 1 if quick else None], seeds, quick)
+        if quick:
+            grid += jobs_for(root, "former", FORMER, [name], ["topkast90"], seeds, quick)
     return report(Results(run_all(grid, jobs)), out, seeds, quick)
 
 
-def run_settings(names: list[str], out: Path, jobs: int, runs: Path, seeds, tasks: list[str], only: list[str]) -> Path:
+def run_settings(names: list[str], out: Path, jobs: int, runs: Path, seeds, tasks: list[str], only: list[str],
+                 run: bool = True) -> Path:
     grid = jobs_for(runs, "current", (), tasks, ["dense"], seeds, False)
     for s in names:
         applies, extra = SETTINGS[s]
         methods = [m for m in SPARSE if METHODS[m][0] in applies and METHODS[m][1] >= 0.9 and (not only or m in only)]
         grid += jobs_for(runs, s, extra, tasks, methods, seeds, False)
-    return settings_report(Results(run_all(grid, jobs)), out, names, seeds)
+    return settings_report(Results(run_all(grid, jobs, run)), out, names, seeds)
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -462,6 +477,7 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "suite", help="where the runs go")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-run", action="store_true", help="with --settings: only tabulate the runs that exist")
     args = parser.parse_args(argv)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     tasks = [t for t in args.tasks.split(",") if t] or [t for t, task in TASKS.items() if task.available()]
@@ -470,7 +486,7 @@ def cli(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"unknown settings or tasks: {', '.join(unknown)}; settings: {', '.join(SETTINGS)}; tasks: {', '.join(TASKS)}")
     if names:
-        run_settings(names, args.out, args.jobs, args.runs, seeds, tasks, [m for m in args.methods.split(",") if m])
+        run_settings(names, args.out, args.jobs, args.runs, seeds, tasks, [m for m in args.methods.split(",") if m], not args.no_run)
     else:
         main(args.out, quick=args.quick, jobs=args.jobs, runs=None if args.quick else args.runs, seeds=seeds)
 
