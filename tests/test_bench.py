@@ -42,6 +42,7 @@ def test_quick_backend_table_has_every_backend_machine_and_date(tmp_path):
     assert "peak memory (tensors)" in text
 
 
+@pytest.mark.usefixtures("builds_runs")  # (bench.backends calls build_run)
 def test_quick_block_rows_cover_every_block_size():
     from bench import backends
 
