@@ -147,7 +147,7 @@ class Job:
 def jobs_for(root: Path, setting: str, extra: tuple[str, ...], tasks: list[str], methods: list[str], seeds, quick: bool) -> list[Job]:
     out = []
     for t in tasks:
-        task = TASKS.get(t) or CHECKS[t]
+        task = task_named(t)
         for m in methods:
             method, forward = METHODS[m]
             base = [*task.overrides, *(task.quick if quick else ()), f"sparsity={method}"]
@@ -442,9 +442,10 @@ def settings_report(r: Results, out: Path, names: list[str], seeds) -> Path:
 
 
 # ------------------------------------------------------------------ entry points
-def main(out: Path = RESULTS, quick: bool = False, jobs: int = 2, runs: Path | None = None, seeds=SEEDS) -> Path:
-    """Every method with its defaults on every task, plus Top-KAST's former defaults."""
-    tasks = [t for t, task in TASKS.items() if task.available()]
+def main(out: Path = RESULTS, quick: bool = False, jobs: int = 2, runs: Path | None = None, seeds=SEEDS,
+         tasks: list[str] | None = None) -> Path:
+    """Every method with its defaults on every task (or `tasks`), plus Top-KAST's former defaults."""
+    tasks = tasks or [t for t, task in TASKS.items() if task.available()]
     if quick:
         tasks, seeds = tasks[:2], (0,)
     root = runs or (out / "runs" / "suite" if quick else Path("runs") / "suite")
@@ -488,7 +489,8 @@ def cli(argv: list[str] | None = None) -> None:
     if names:
         run_settings(names, args.out, args.jobs, args.runs, seeds, tasks, [m for m in args.methods.split(",") if m], not args.no_run)
     else:
-        main(args.out, quick=args.quick, jobs=args.jobs, runs=None if args.quick else args.runs, seeds=seeds)
+        main(args.out, quick=args.quick, jobs=args.jobs, runs=None if args.quick else args.runs, seeds=seeds,
+             tasks=[t for t in args.tasks.split(",") if t] or None)
 
 
 if __name__ == "__main__":
