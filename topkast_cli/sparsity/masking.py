@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import powerprop
+
 
 class _MaskedWeight(torch.autograd.Function):
     """Forward: θ where A, else 0. Backward: g where B, else 0 (B None: g everywhere).
@@ -60,7 +62,8 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.T
 class MaskedWeight(nn.Module):
     """Parametrization θ -> α, holding the layer's masks (bool, not state_dict buffers: the
     checkpoint stores masks apart from the model). Read and written by `SparseLayer` only.
-    The optimizer trains θ itself; its gradient is dense, zero outside B."""
+    The optimizer trains θ itself; its gradient is dense, zero outside B. With `power` p
+    (Powerpropagation) the layer computes with w = θ·|θ|^(p−1) in place of θ."""
 
     backend = "masked"
 
@@ -71,11 +74,15 @@ class MaskedWeight(nn.Module):
         self.backward_mask = empty  # B ⊇ A; the same tensor when B = A
         self.dense_gradient = False  # let every entry's gradient through (RigL's capture)
         self.use_dense = False  # compute with the dense θ (eval.dense=true)
+        self.power = 1.0  # Powerpropagation's p (1: off)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        # The power before the mask: B \ A then gets ∂L/∂w·p|θ|^(p−1), where after it (0's
+        # derivative) it would get nothing.
+        w = powerprop.weight(theta, self.power)
         if self.use_dense:
-            return theta
-        return masked_weight(theta, self.forward_mask, None if self.dense_gradient else self.backward_mask)
+            return w
+        return masked_weight(w, self.forward_mask, None if self.dense_gradient else self.backward_mask)
 
     # The compute-side interface (see the module docstring); θ is the layer's parameter.
     def trained(self, theta: nn.Parameter) -> nn.Parameter:

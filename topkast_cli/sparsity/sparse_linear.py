@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import powerprop
+
 # torch flags its CSR and BSR support as beta on first use; the kernels used here are stable ones.
 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
 
@@ -313,14 +315,14 @@ class _DenseAlpha(torch.autograd.Function):
 def _forward(module: nn.Module, side: "SparseLinearWeight", x: torch.Tensor) -> torch.Tensor:
     """The layer's forward on the sparse backend (fp32 kernels: no autocast inside)."""
     if side.use_dense:
-        side.sync(module.parametrizations.weight.original)
+        side.sync(module.parametrizations.weight.original)  # module.weight: w of the dense θ
         if isinstance(module, nn.Linear):
             return F.linear(x, module.weight, module.bias)
         return module._conv_forward(x, module.weight, module.bias)
     with torch.autocast(x.device.type, enabled=False):
         if isinstance(module, nn.Linear):
             rows = x.reshape(-1, x.shape[-1]).to(side.values.dtype)
-            y = _SparseLinear.apply(rows, side.values, side.pattern).reshape(*x.shape[:-1], -1)
+            y = _SparseLinear.apply(rows, side.weights(), side.pattern).reshape(*x.shape[:-1], -1)
             return y if module.bias is None else y + module.bias
         return _pointwise_conv(module, side, x)
 
@@ -335,7 +337,7 @@ def _pointwise_conv(module: nn.Module, side: "SparseLinearWeight", x: torch.Tens
     x = x[(slice(None), slice(None), *(slice(None, None, s) for s in module.stride))]
     n, channels, *space = x.shape
     rows = x.transpose(0, 1).reshape(channels, -1).t().to(side.values.dtype)
-    y = _SparseLinear.apply(rows, side.values, side.pattern)
+    y = _SparseLinear.apply(rows, side.weights(), side.pattern)
     if module.bias is not None:
         y = y + module.bias
     y = y.t().reshape(-1, n, *space).transpose(0, 1)
@@ -345,7 +347,8 @@ def _pointwise_conv(module: nn.Module, side: "SparseLinearWeight", x: torch.Tens
 class SparseLinearWeight(nn.Module):
     """The sparse compute side (see the module docstring). Holds the layer's bool masks, as
     the masked side does, plus B's values and the CSR (and with blocks BSR) patterns built
-    from the masks; `blocksize` (r, r) for masks of whole blocks."""
+    from the masks; `blocksize` (r, r) for masks of whole blocks. With `power` p
+    (Powerpropagation) the values trained are θ's and α's are θ·|θ|^(p−1) of them."""
 
     backend = "sparse"
 
@@ -356,6 +359,7 @@ class SparseLinearWeight(nn.Module):
         self.forward_mask = empty  # A
         self.backward_mask = empty  # B ⊇ A; the same tensor when B = A
         self.use_dense = False
+        self.power = 1.0  # Powerpropagation's p (1: off)
         # Not registered: it is no parameter of the model (the state_dict holds θ alone).
         object.__setattr__(self, "values", nn.Parameter(theta.new_zeros(0)))
         self.pattern = build_pattern(empty, empty)
@@ -363,8 +367,13 @@ class SparseLinearWeight(nn.Module):
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         if self.use_dense:
-            return theta
-        return _DenseAlpha.apply(self.values, self.forward_mask, self.backward_mask, self.pattern.k)
+            return powerprop.weight(theta, self.power)
+        return _DenseAlpha.apply(self.weights(), self.forward_mask, self.backward_mask, self.pattern.k)
+
+    def weights(self) -> torch.Tensor:
+        """B's values as the layer computes with them (differentiable in `values`): the values
+        themselves, or w = θ·|θ|^(p−1) of them under Powerpropagation."""
+        return powerprop.weight(self.values, self.power)
 
     def trained(self, theta: nn.Parameter) -> nn.Parameter:
         """The tensor the optimizer trains for this layer: B's values."""
