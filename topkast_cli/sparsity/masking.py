@@ -170,14 +170,17 @@ def plain_name(name: str) -> str:
 def plain_state_dict(model: nn.Module) -> dict:
     """state_dict with the names of the dense model (θ under `layer.weight`). It loads into a
     plain torchvision/PyTorch model, but that model then computes with θ, not α: for the
-    network a run trains use `computed_state_dict`."""
+    network a run trains use `computed_state_dict`. θ is the trained parameter, what a
+    checkpoint must hold to resume exactly: under Powerpropagation the layer's weight is
+    θ·|θ|^(p−1), whose inverse does not round-trip bit for bit."""
     return {plain_name(k): v for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()
 def computed_state_dict(model: nn.Module) -> dict:
     """`plain_state_dict` with each parametrized weight replaced by what the layer computes
-    with (α, zeros in place): the trained network, for a plain model."""
+    with (α, zeros in place; under Powerpropagation w = θ·|θ|^(p−1) on A): the trained
+    network, for a plain model."""
     state = plain_state_dict(model)
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):
