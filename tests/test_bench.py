@@ -80,3 +80,18 @@ def test_quick_lm_bench_writes_its_table(tmp_path):
     table = (out / "lm_tinyshakespeare.md").read_text()
     assert "| dense |" in table and "| topkast |" in table and "relative to dense" in table
     assert "Top-KAST 0.9:" in table  # the target line against dense
+
+
+@pytest.mark.usefixtures("builds_runs")
+def test_quick_blocks_bench_compares_block_sizes_on_the_default_task(tmp_path):
+    from bench import blocks, suite
+
+    jobs = blocks.jobs(tmp_path / "runs", [blocks.DEFAULT_TASK], (0,), quick=True)
+    assert {j.setting for j in jobs} == {"current", *blocks.BLOCKS}
+    assert all(f"sparsity.dense_layers=[{blocks.DENSE[blocks.DEFAULT_TASK]}]" in j.overrides for j in jobs if j.method != "dense")
+    results = suite.run_all([j for j in jobs if j.setting != "16x16"], workers=1)  # (the quick model has 8 channels)
+    assert all(s["status"] == "completed" for s in results.values()), results
+    text = blocks.report(suite.Results(results), [blocks.DEFAULT_TASK], {"unstructured": 0.6, "4x4": 0.4}, tmp_path, (0,), True).read_text()
+    assert "Machine:" in text and "| default_task_c32 |" in text and "| 4x4 | 0.40 |" in text
+    assert "Aim: 4x4 blocks within 1.5 points of unstructured on the default task:" in text
+    assert (tmp_path / "blocks.png").stat().st_size > 0
