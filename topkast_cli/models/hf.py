@@ -100,6 +100,10 @@ class HFCausalLM(nn.Module):
         self.context = context
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.is_meta:
+            # transformers' causal-mask code reads tensor values, which the meta device (the
+            # pre-flight check) has not; the sizes it would check are checked above.
+            raise NotImplementedError("GPT2Model's forward has no meta version")
         h = self.transformer(input_ids=tokens, use_cache=False).last_hidden_state
         return F.linear(h, self.transformer.wte.weight)  # α when the table is sparse
 
