@@ -158,6 +158,9 @@ def test_blocks_and_nm_groups_are_chosen_on_the_out_by_in_matrix():
     layer = TopKAST(None, None, pattern="nm", nm=[2, 4], dense_first=False).attach(tiny()).layers[0]
     groups = layer.forward.t().reshape(-1, 4)  # 4 consecutive inputs of one output
     assert bool((groups.sum(1) == 2).all())
+    # keep_units: every output (a column of θ) keeps a weight in A
+    layer = TopKAST(0.95, 0.9, keep_units=True, dense_first=False).attach(tiny()).layers[0]
+    assert bool(layer.forward.any(0).all())
     # square blocks run in BSR on the sparse backend, in the stored layout
     model = tiny()
     method = TopKAST(0.75, 0.5, block=[4, 4], dense_first=False, backend="sparse").attach(model)
