@@ -25,7 +25,7 @@ from test_language_model import write_text  # noqa: E402
 from topkast_cli.checkpoint import load_checkpoint  # noqa: E402
 from topkast_cli.commands.train import train  # noqa: E402
 from topkast_cli.errors import UserError  # noqa: E402
-from topkast_cli.export import dense_from_csr, export_checkpoint  # noqa: E402
+from topkast_cli.export import bsr_entry, dense_from_bsr, dense_from_csr, export_checkpoint  # noqa: E402
 from topkast_cli.flops import count_flops  # noqa: E402
 from topkast_cli.models.hf import HFCausalLM  # noqa: E402
 from topkast_cli.run import build_optimizer  # noqa: E402
@@ -155,6 +155,8 @@ def test_blocks_and_nm_groups_are_chosen_on_the_out_by_in_matrix():
     for mask in (layer.forward, layer.backward):
         blocks = mask.t().reshape(mask.shape[1] // 2, 2, mask.shape[0] // 4, 4)  # (out/2, 2, in/4, 4)
         assert bool((blocks.all(3).all(1) == blocks.any(3).any(1)).all()), "masks are whole 2 x 4 blocks"
+    entry = bsr_entry(layer.module.weight, (2, 4), transposed=True)  # export: BSR over out x in
+    assert entry["values"].shape[1:] == (2, 4) and torch.equal(dense_from_bsr(entry), layer.module.weight)
     layer = TopKAST(None, None, pattern="nm", nm=[2, 4], dense_first=False).attach(tiny()).layers[0]
     groups = layer.forward.t().reshape(-1, 4)  # 4 consecutive inputs of one output
     assert bool((groups.sum(1) == 2).all())

@@ -1,9 +1,9 @@
 """Forward FLOPs of a model for one input, dense and with the weights it actually computes with.
 
 Counted with forward hooks on Conv and Linear modules (and transformers' Conv1D: the types
-`sparsity.layer_types` lists), from the output shapes they really
-produce: each weight entry takes part in one multiply-add per output position (conv: each
-spatial position of the output; linear: each row of the leading dimensions), so a layer costs
+`sparsity.layer_types` lists), from the output shapes they really produce: each weight entry
+takes part in one multiply-add per output position (conv: each spatial position of the
+output; linear: each row of the leading dimensions), so a layer costs
 2 x weights x positions FLOPs dense and 2 x nonzero weights x positions sparse. A sparse layer's
 weight is α = θ ⊙ 1_A (or θ under `use_dense_weights`), so the nonzeros are counted from the
 effective weight. Bias additions, activations, pooling and normalisation are not counted (they

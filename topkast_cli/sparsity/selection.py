@@ -1,6 +1,6 @@
 """Which weights are sparse: Conv/Linear weights (transformers' Conv1D too, see `layer_types`;
-embeddings optionally), minus the layers
-the user keeps dense (the first layer by default, and name patterns)."""
+embeddings optionally), minus the layers the user keeps dense (the first layer by default,
+and name patterns)."""
 
 from __future__ import annotations
 
