@@ -153,7 +153,7 @@ def targets(stats: dict[str, Stats]) -> list[tuple[str, str, str]]:
             lines.append((label, text, "met" if ok else "missed"))
 
     def n(s: Stats) -> str:
-        return f" ({len(s.finals)} seeds)" if len(s.finals) != len(SEEDS) else ""
+        return f" (n = {len(s.finals)})" if len(s.finals) != len(SEEDS) else ""
 
     check(f"dense with the tool's LM defaults, {STEPS} steps: ≤ 2.40 bpc", ("dense",),
           lambda d: (f"{d.mean:.3f}{n(d)}", d.mean <= 2.40))
@@ -180,9 +180,9 @@ def step_times(overrides: list[str], rounds: int, steps: int) -> dict[str, float
     for backend in ("masked", "sparse"):
         settings[f"Top-KAST 80/60, {backend}"] = [*_topkast(0.8, 0.6), f"sparsity.backend={backend}"]
         settings[f"Top-KAST 90/80, {backend}"] = [*_topkast(0.9, 0.8), f"sparsity.backend={backend}"]
-    for s in (0.8, 0.9):
-        settings[f"RigL {s:.0%}"] = ["sparsity=rigl", f"sparsity.forward={s}"]
-        settings[f"static {s:.0%}"] = ["sparsity=static", f"sparsity.forward={s}"]
+    for method in ("rigl", "static"):
+        for s in (0.8, 0.9):
+            settings[f"{ROWS[f'{method}{s * 100:.0f}'].label}"] = [f"sparsity={method}", f"sparsity.forward={s}"]
     with tempfile.TemporaryDirectory() as tmp:
         runs = {n: speed.make_run([*overrides, *o], Path(tmp) / str(i)) for i, (n, o) in enumerate(settings.items())}
         for run, batches, params in runs.values():
