@@ -44,7 +44,7 @@ SEEDS = (0, 1, 2)
 MODEL = ("model=transformer", "dataset=textfile", f"dataset.path={SHAKESPEARE}", f"trainer.max_steps={STEPS}")
 COMMON = ("trainer.threads=1", "trainer.progress=false", "trainer.tensorboard=false", f"trainer.eval_every={EVAL_EVERY}",
           "trainer.checkpoint_every=null", "trainer.log_every=100", "trainer.collapse_window=null")
-QUICK = ("trainer.max_steps=20", "trainer.eval_every=10", "model.layers=1", "dataset.context=32")
+QUICK = ("trainer.max_steps=20", "trainer.eval_every=10", "model.layers=1", "dataset.context=32", "dataset.val_fraction=0.01")
 
 
 @dataclass(frozen=True)
