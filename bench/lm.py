@@ -11,8 +11,8 @@ bigger-but-sparser Top-KAST (wider models with about the dense model's non-zero 
 Each run is one `topkast train` job run in-process by a pool of workers (`bench.suite`'s
 machinery), in `--runs DIR/ROW/seedN`. A finished run of the same composed config is not
 run again, and the table is rebuilt from every finished run under `--runs`: rows can be run
-in several batches, also in parallel processes, and tabulated together (delete `--runs`
-after changing the code).
+in several batches, also in parallel processes (on different rows or seeds), and tabulated
+together (delete `--runs` after changing the code).
 """
 
 from __future__ import annotations
@@ -327,7 +327,8 @@ def main(out: Path = RESULTS, quick: bool = False, jobs: int = 2, runs: Path | N
 
 
 def cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.lm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.lm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="", help=f"comma-separated rows (default: all): {', '.join(ROWS)}")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")

@@ -209,7 +209,8 @@ def summary(records: list[dict], final: dict, overrides: list[str], steps: int) 
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m bench.lm_diagnostics", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.lm_diagnostics", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="config overrides on top of the LM bench's model and Top-KAST 80/60")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=0, help="record at most one refresh per this many steps (0: every one)")
