@@ -30,7 +30,7 @@ from pathlib import Path
 from topkast_cli.run_logs import read_jsonl
 
 from . import speed
-from .common import RESULTS, header, write
+from .common import RESULTS, header, machine, write
 from .suite import Job, run_all
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -182,7 +182,7 @@ def step_times(overrides: list[str], rounds: int, steps: int) -> dict[str, float
         settings[f"Top-KAST 90/80, {backend}"] = [*_topkast(0.9, 0.8), f"sparsity.backend={backend}"]
     for method in ("rigl", "static"):
         for s in (0.8, 0.9):
-            settings[f"{ROWS[f'{method}{s * 100:.0f}'].label}"] = [f"sparsity={method}", f"sparsity.forward={s}"]
+            settings[ROWS[f"{method}{round(s * 100)}"].label] = [f"sparsity={method}", f"sparsity.forward={s}"]
     with tempfile.TemporaryDirectory() as tmp:
         runs = {n: speed.make_run([*overrides, *o], Path(tmp) / str(i)) for i, (n, o) in enumerate(settings.items())}
         for run, batches, params in runs.values():
@@ -196,8 +196,6 @@ def step_times(overrides: list[str], rounds: int, steps: int) -> dict[str, float
 
 def measure_step_times(root: Path, quick: bool) -> None:
     """Step times of the width-128 model, kept in `root`/step_times.json for every later table."""
-    from .common import machine
-
     rounds, steps = (1, 2) if quick else (3, 10)
     base = [o for o in ROWS["dense"].overrides(quick) if not o.startswith(("sparsity", "trainer.threads"))]
     print("lm: step times", flush=True)
