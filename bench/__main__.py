@@ -1,4 +1,5 @@
-"""`python -m bench [suite] [blocks] [accuracy] [speed] [memory] [lm] [backends] [scaling] [gpu] [--quick] [--out DIR]`: all of them by default."""
+"""`python -m bench [suite] [blocks] [accuracy] [speed] [memory] [lm] [backends] [scaling] [gpu] [--quick] [--out DIR]`: all of them by default.
+A part's own options: `python -m bench.suite --help`, `python -m bench.blocks --help`, `python -m bench.lm --help`."""
 
 from __future__ import annotations
 
