@@ -9,6 +9,13 @@ weight is α = θ ⊙ 1_A (or θ under `use_dense_weights`), so the nonzeros are
 effective weight. Bias additions, activations, pooling and normalisation are not counted (they
 are small and the same dense or sparse). Modules whose forward is not called (e.g. the
 projection inside nn.MultiheadAttention, which reads the weight directly) are not counted.
+
+Training FLOPs (`training_flops`) count one training step's forward and backward for the same
+input: the forward on A (2·|A| per position), the input gradient through A (2·|A|) and the
+weight gradient on B (2·|B|), i.e. 2·(2·|A| + |B|) per position and layer; a dense layer has
+A = B = all its weights (3x its forward). |B| is the backward set's size while the masks
+explore (after refinement B = A, so those steps cost less). The first layer's input gradient
+is counted too, and a mask refresh is not.
 """
 
 from __future__ import annotations
@@ -90,3 +97,13 @@ def total(layers: list[LayerFlops]) -> dict:
     dense = sum(l.dense_flops for l in layers)
     sparse = sum(l.flops for l in layers)
     return {"dense_flops": dense, "flops": sparse, "ratio": sparse / dense if dense else 1.0}
+
+
+def training_flops(layers: list[LayerFlops], backward: dict[str, int]) -> int:
+    """Forward + backward FLOPs of one training input (see the module's docstring). `backward`:
+    |B| of each sparse layer by module name; any other layer trains every weight."""
+    out = 0
+    for l in layers:
+        positions = l.dense_flops // (2 * max(1, l.params))
+        out += 2 * l.flops + 2 * backward.get(l.name, l.params) * positions
+    return out
