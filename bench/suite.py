@@ -124,7 +124,7 @@ for lam in (0.01, 0.02, 0.05):
 for base in ("current", "former", "coupled_0.0002", "coupled_0.0005", "coupled_0.002"):
     prefix = "" if base == "current" else f"{base}+"
     SETTINGS[prefix + "per_entry"] = (DYNAMIC, (*SETTINGS[base][1], "sparsity.moment_restart=per_entry"))
-    for r in (1, 2, 5, 10, 100):
+    for r in (1, 2, 5, 10, 100, 200):
         SETTINGS[f"{prefix}refresh_{r}"] = (("topkast",), (*SETTINGS[base][1], f"sparsity.refresh_interval={r}"))
     for e in ("0.5", "null"):
         SETTINGS[f"{prefix}explore_{e}"] = (("topkast",), (*SETTINGS[base][1], f"sparsity.exploration_steps={e}"))
@@ -135,6 +135,12 @@ SETTINGS["alpha_rms"] = (("topkast",), ("sparsity.alpha_scale=rms",))
 SETTINGS["lr_density"] = (("topkast",), ("sparsity.lr_scale=density",))
 SETTINGS["lr_0.5"] = (("topkast",), ("sparsity.lr_scale=0.5",))
 SETTINGS["powerprop_2+alpha_rms"] = (("topkast",), ("sparsity.powerprop=2", "sparsity.alpha_scale=rms"))
+# the backward set at 90% (the default is 80%: B holds twice A), and for the language model only
+# (the patterns name its layers): attention or the MLP kept dense
+SETTINGS["backward_0.6"] = (("topkast",), ("sparsity.backward=0.6",))
+SETTINGS["backward_0.9"] = (("topkast",), ("sparsity.backward=0.9",))
+SETTINGS["dense_attention"] = (("topkast",), ("sparsity.dense_layers=[*.attn.*]",))
+SETTINGS["dense_mlp"] = (("topkast",), ("sparsity.dense_layers=[*.fc,*.out]",))
 
 COMMON = ("trainer.threads=1", "trainer.progress=false", "trainer.tensorboard=false", "trainer.eval_every=null",
           "trainer.checkpoint_every=null", "trainer.log_every=100", "trainer.collapse_window=null")
