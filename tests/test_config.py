@@ -148,3 +148,11 @@ def test_lm_weight_decay_reaches_dense_parameters_only(tmp_path):
     dense, sparse = optimizer.param_groups
     assert dense["weight_decay"] == 0.1 and sparse["weight_decay"] == 0.0
     assert {id(p) for p in sparse["params"]} == {id(p) for p in method.sparse_parameters()}
+
+
+def test_a_width_the_lm_rule_cannot_use_is_one_line_and_exit_2(tmp_path):
+    from conftest import run_topkast
+
+    proc = run_topkast(["train", *LM, "model.width=0"], cwd=tmp_path, module=True)
+    assert proc.returncode == 2 and "model.width=0 must be a number > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
