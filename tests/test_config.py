@@ -35,12 +35,17 @@ REQUIRED[("dataset", "imagefolder")] = ["model=mlp", "dataset.root={tmp}"]
 # Language models need text; the pre-flight check of a byte corpus needs no data when it may download.
 TEXT = ["model=transformer", "dataset.context=16"]
 REQUIRED[("model", "transformer")] = ["dataset=textfile", "dataset.path={tmp}/t.txt", "dataset.context=16"]
+REQUIRED[("model", "hf_causal_lm")] = REQUIRED[("model", "transformer")]
+# Options that need an optional extra (their absence: test_hf_optional.py).
+EXTRAS = {("model", "hf_causal_lm"): "transformers"}
 REQUIRED[("dataset", "textfile")] = [*TEXT, "dataset.path={tmp}/t.txt"]
 REQUIRED.update({("dataset", d): [*TEXT, "dataset.download=true"] for d in ("enwik8", "text8", "wikitext103")})
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group, option, tmp_path):
+    if (group, option) in EXTRAS:
+        pytest.importorskip(EXTRAS[group, option], reason="an optional extra")
     extra = [o.format(tmp=tmp_path) for o in REQUIRED.get((group, option), [])]
     (tmp_path / "t.txt").write_text("a small text file " * 20)
     cfg = make_config([f"{group}={option}", *extra])

@@ -1,8 +1,9 @@
 """Forward FLOPs of a model for one input, dense and with the weights it actually computes with.
 
-Counted with forward hooks on Conv and Linear modules, from the output shapes they really
-produce: each weight entry takes part in one multiply-add per output position (conv: each
-spatial position of the output; linear: each row of the leading dimensions), so a layer costs
+Counted with forward hooks on Conv and Linear modules (and transformers' Conv1D: the types
+`sparsity.layer_types` lists), from the output shapes they really produce: each weight entry
+takes part in one multiply-add per output position (conv: each spatial position of the
+output; linear: each row of the leading dimensions), so a layer costs
 2 x weights x positions FLOPs dense and 2 x nonzero weights x positions sparse. A sparse layer's
 weight is α = θ ⊙ 1_A (or θ under `use_dense_weights`), so the nonzeros are counted from the
 effective weight. Bias additions, activations, pooling and normalisation are not counted (they
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-COUNTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from .sparsity.layer_types import out_features, sparse_layer_types
 
 
 @dataclass
@@ -49,8 +50,7 @@ class LayerFlops:
 
 def _positions(module: nn.Module, output: torch.Tensor) -> int:
     """Output positions per sample at which every weight entry is used once."""
-    channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-    return output[0].numel() // channels
+    return output[0].numel() // out_features(module)
 
 
 @torch.no_grad()
@@ -80,7 +80,7 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> list[LayerFlops]:
     handles = [
         m.register_forward_hook(hook(name or type(m).__name__))
         for name, m in model.named_modules()
-        if isinstance(m, COUNTED_TYPES)
+        if isinstance(m, sparse_layer_types())
     ]
     was_training = model.training
     model.eval()

@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import UserError, check_number
 from .backend_choice import choose_backends
 from .distribution import DISTRIBUTIONS
+from .layer_types import stores_transposed
 from .masking import MaskedWeight, attach, dense_parameter
 from .sparse_linear import SparseLinearWeight, attach_sparse, can_run
 from .schedule import MaskSchedule
@@ -61,6 +62,7 @@ class SparseLayer:
         self.name = name  # plain parameter name, e.g. "layer1.0.conv1.weight"
         self.module = module
         self.blocksize = tuple(blocksize)  # (r, r): masks of whole blocks, which `sparse` runs in BSR
+        self.transposed = stores_transposed(module)  # weight stored (in, out): transformers' Conv1D
         self.k_forward = k_forward
         self.k_backward = k_backward
         self.churn = 0.0  # share of A that changed at the last mask update
@@ -360,7 +362,7 @@ class SparsityMethod:
         names = [f"{n}.weight" if n else "weight" for n, _ in chosen]
         shapes = {pname: tuple(m.weight.shape) for pname, (_, m) in zip(names, chosen)}
         for name, module in chosen:
-            self.structure.check(name, tuple(module.weight.shape))
+            self.structure.check(name, tuple(module.weight.shape), stores_transposed(module))
         k_forward, k_backward = self.structure.counts(shapes, self.density, self.backward_density, self.distribution)
         plan = []
         for pname, (name, module) in zip(names, chosen):

@@ -1,9 +1,10 @@
 """The compute side of a sparse layer: how its dense θ and its two masks become the weight it
 computes with.
 
-Every sparse layer (Linear, Conv, Embedding) gets a `MaskedWeight` parametrization on its
-`weight`, so any code that reads `module.weight` (its own forward, attention blocks that read
-`out_proj.weight`, tied embeddings) sees α = θ ⊙ 1_A, while θ stays the stored parameter.
+Every sparse layer (Linear, Conv, Embedding, transformers' Conv1D: see `layer_types`) gets a
+`MaskedWeight` parametrization on its `weight`, so any code that reads `module.weight` (its
+own forward, attention blocks that read `out_proj.weight`, tied embeddings) sees
+α = θ ⊙ 1_A, while θ stays the stored parameter.
 
 The masks are stored here, once, as bool tensors (one byte per weight; B = A is one shared
 tensor). Only their owner, `base.SparseLayer`, reads or changes them: everything else asks
@@ -131,10 +132,6 @@ class MaskedWeight(nn.Module):
     def detach(self, module: nn.Module) -> None:
         """Leave `module` with θ as its plain weight."""
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-
-
-SPARSE_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-EMBEDDING_TYPES = (nn.Embedding,)
 
 
 def attach(module: nn.Module) -> MaskedWeight:

@@ -8,7 +8,7 @@ import torch
 from ..errors import UserError
 from .base import SparseLayer, SparsityMethod
 from .schedule import MaskSchedule
-from .structure import structure_from_config
+from .structure import in_stored_layout, structure_from_config
 
 
 class TopKAST(SparsityMethod):
@@ -82,7 +82,14 @@ class TopKAST(SparsityMethod):
     def _top(self, layer: SparseLayer):
         # Locked: B = A, one mask.
         k_backward = layer.k_forward if self.locked else layer.k_backward
-        return self.structure.masks(layer.theta.detach(), layer.k_forward, k_backward, every_row=self.keep_units)
+
+        def choose(matrix):
+            return self.structure.masks(matrix, layer.k_forward, k_backward, every_row=self.keep_units)
+
+        # Single weights by |θ| have no layout; blocks, N:M groups and kept units are chosen
+        # on the out x in matrix, which a weight stored (in, out) is not.
+        by_matrix = layer.transposed and (not self.structure.unstructured or self.keep_units)
+        return in_stored_layout(choose, layer.theta.detach(), by_matrix)
 
     def regularizer_weights(self, layer):
         # s = 1 on A, 1/D on B \ A: candidates pay more to stay, so only those whose gradient
