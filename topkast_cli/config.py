@@ -28,7 +28,7 @@ def scale_by_width(value: float, base_width: int, width: int) -> float:
     """`value` for a model of `base_width`, scaled as 1/width (e.g. the LM learning rate:
     `${scale_by_width:5e-3,128,${model.width}}`, so the composed config shows the rule)."""
     if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
-        raise ValueError(f"model.width={width} must be a number > 0 (the learning rate scales as 1/width)")
+        raise ValueError(f"the model width {width!r} must be a number > 0 (the learning rate scales as 1/width)")
     return float(value) * float(base_width) / width
 
 
