@@ -51,7 +51,7 @@ MODELS = {
 }
 if HAS_TRANSFORMER:
     MODELS["transformer (4 layers, width 128), Tiny Shakespeare (batch 16 x 128 characters)"] = (
-        ["model=transformer", "dataset=textfile", f"dataset.path={TEXT}"],
+        ["model=transformer", "dataset=textfile", f"dataset.path={TEXT}"],  # with the LM defaults (task=lm)
         (5, 10),
         ["model.layers=1", "model.width=32", "dataset.context=32"],
         [],

@@ -102,13 +102,14 @@ def test_a_language_model_gets_the_lm_defaults():
     assert cfg.trainer.grad_clip == 1.0
 
 
-@pytest.mark.parametrize("chosen", [["model=transformer"], ["dataset=enwik8", "model=transformer"], ["dataset=text8", "model=mlp"]])
+@pytest.mark.parametrize("chosen", [["model=transformer"], ["model=hf_causal_lm"], ["dataset=enwik8", "model=transformer"], ["dataset=text8", "model=mlp"]])
 def test_a_text_dataset_or_the_transformer_alone_selects_the_lm_task(chosen):
     assert compose("train", chosen).hydra.runtime.choices.task == "lm"
 
 
 def test_the_lm_learning_rate_follows_the_width():
     assert make_config([*LM, "model.width=256"]).optimizer.lr == pytest.approx(2.5e-3)
+    assert make_config(["model=hf_causal_lm", "model.n_embd=64"]).optimizer.lr == pytest.approx(1e-2)  # GPT-2's name
     # `--cfg job` and .hydra/config.yaml show the rule, not only its value
     assert OmegaConf.to_container(compose("train", LM).optimizer)["lr"].startswith("${scale_by_width:5e-3,128,")
 
@@ -153,3 +154,11 @@ def test_lm_weight_decay_reaches_dense_parameters_only(tmp_path):
     dense, sparse = optimizer.param_groups
     assert dense["weight_decay"] == 0.1 and sparse["weight_decay"] == 0.0
     assert {id(p) for p in sparse["params"]} == {id(p) for p in method.sparse_parameters()}
+
+
+def test_a_width_the_lm_rule_cannot_use_is_one_line_and_exit_2(tmp_path):
+    from conftest import run_topkast
+
+    proc = run_topkast(["train", *LM, "model.width=0"], cwd=tmp_path, module=True)
+    assert proc.returncode == 2 and "the model width 0 must be a number > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -34,10 +34,11 @@ from topkast_cli.sparsity.selection import select_sparse_layers  # noqa: E402
 
 VOCAB, CONTEXT = 20, 16
 PROJECTIONS = [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-# Through the trainer: 12 steps, refreshes every 3, the masks lock at 9.
+# Through the trainer: 12 steps, refreshes every 3, the masks lock at 9; a constant lr, so that
+# a run split at step 6 follows the same schedule (cosine_lm's follows max_steps).
 RUN = ["trainer.max_steps=12", "trainer.eval_every=6", "trainer.log_every=6", "trainer.checkpoint_every=6",
        "trainer.progress=false", "trainer.tensorboard=false", "trainer.deterministic=true",
-       "sparsity.refresh_interval=3", "sparsity.exploration_steps=9"]
+       "sparsity.refresh_interval=3", "sparsity.exploration_steps=9", "scheduler=constant"]
 
 
 def tiny(**kwargs) -> HFCausalLM:

@@ -27,7 +27,9 @@ PRECISIONS = ("32", "bf16", "fp16")
 def scale_by_width(value: float, base_width: int, width: int) -> float:
     """`value` for a model of `base_width`, scaled as 1/width (e.g. the LM learning rate:
     `${scale_by_width:5e-3,128,${model.width}}`, so the composed config shows the rule)."""
-    return float(value) * int(base_width) / int(width)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+        raise ValueError(f"the model width {width!r} must be a number > 0 (the learning rate scales as 1/width)")
+    return float(value) * float(base_width) / width
 
 
 # Registered on import: every command and the configs it reloads (checkpoints, run dirs) resolve it.
