@@ -1,4 +1,5 @@
-"""`python -m bench [suite] [accuracy] [speed] [memory] [lm] [backends] [scaling] [gpu] [--quick] [--out DIR]`: all of them by default."""
+"""`python -m bench [suite] [blocks] [accuracy] [speed] [memory] [lm] [backends] [scaling] [gpu] [--quick] [--out DIR]`: all of them by default.
+A part's own options: `python -m bench.suite --help`, `python -m bench.blocks --help`, `python -m bench.lm --help`."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import argparse
 import time
 from pathlib import Path
 
-from . import accuracy, backends, gpu, lm, memory, scaling, speed, suite
+from . import accuracy, backends, blocks, gpu, lm, memory, scaling, speed, suite
 from .common import RESULTS
 
-PARTS = {"suite": suite.main, "accuracy": accuracy.main, "speed": speed.main, "memory": memory.main, "lm": lm.main, "backends": backends.main,
+PARTS = {"suite": suite.main, "blocks": blocks.main, "accuracy": accuracy.main, "speed": speed.main, "memory": memory.main, "lm": lm.main, "backends": backends.main,
          "scaling": scaling.main, "gpu": gpu.main}
 
 

@@ -36,14 +36,17 @@ SETTINGS = {
 }
 
 
-def make_run(overrides: list[str], where: Path):
-    cfg = without_hydra(compose("train", [*overrides, "trainer.max_steps=100000", "trainer.progress=false"]))
+def make_run(overrides: list[str], where: Path, max_steps: int = 100_000, cached: int = 8):
+    """A run built as `topkast train` builds it, `cached` of its first batches on its device,
+    and the parameters the optimizer steps. (The long default max_steps keeps schedules flat
+    while steps are timed.)"""
+    cfg = without_hydra(compose("train", [*overrides, f"trainer.max_steps={max_steps}", "trainer.progress=false"]))
     run = build_run(cfg, where)
     run.model.train()
     batches = []
-    for x, y in run.data.train_loader(0, cfg.seed, 0):
+    for x, y in run.data.train_loader(0, cfg.seed, 0) if cached else ():
         batches.append((x.to(run.device), y.to(run.device)))
-        if len(batches) == 8:
+        if len(batches) == cached:
             break
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     return run, batches, params

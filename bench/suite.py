@@ -128,6 +128,13 @@ for base in ("current", "former", "coupled_0.0002", "coupled_0.0005", "coupled_0
         SETTINGS[f"{prefix}refresh_{r}"] = (("topkast",), (*SETTINGS[base][1], f"sparsity.refresh_interval={r}"))
     for e in ("0.5", "null"):
         SETTINGS[f"{prefix}explore_{e}"] = (("topkast",), (*SETTINGS[base][1], f"sparsity.exploration_steps={e}"))
+# Top-KAST's options for sparse layers that learn slowly (README), on the current defaults
+for p in (1.5, 2, 3):
+    SETTINGS[f"powerprop_{p:g}"] = (("topkast",), (f"sparsity.powerprop={p:g}",))
+SETTINGS["alpha_rms"] = (("topkast",), ("sparsity.alpha_scale=rms",))
+SETTINGS["lr_density"] = (("topkast",), ("sparsity.lr_scale=density",))
+SETTINGS["lr_0.5"] = (("topkast",), ("sparsity.lr_scale=0.5",))
+SETTINGS["powerprop_2+alpha_rms"] = (("topkast",), ("sparsity.powerprop=2", "sparsity.alpha_scale=rms"))
 
 COMMON = ("trainer.threads=1", "trainer.progress=false", "trainer.tensorboard=false", "trainer.eval_every=null",
           "trainer.checkpoint_every=null", "trainer.log_every=100", "trainer.collapse_window=null")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from topkast_cli.flops import count_flops, total
+from topkast_cli.flops import count_flops, total, training_flops
 from topkast_cli.sparsity import TopKAST
 
 
@@ -64,3 +64,33 @@ def test_needs_one_sample_and_restores_the_mode():
     count_flops(net, torch.randn(1, 1, 10))
     assert net.training
     assert not any(m._forward_hooks for m in net.modules())
+
+
+def test_training_flops_are_forward_and_input_gradient_on_a_and_weight_gradient_on_b():
+    net = small_net()
+    method = TopKAST(forward=0.75, backward=0.5, dense_first=True).attach(net)  # the conv stays dense
+    conv, fc = count_flops(net, torch.randn(1, 1, 10))
+    (layer,) = method.layers
+    assert (layer.k_forward, layer.k_backward) == (40, 80)
+    # dense conv: 3 x its forward (8 positions x 12 weights); sparse linear: 2 x 40 on A + 80 on B
+    expected = 3 * 2 * 12 * 8 + 2 * (2 * 40 + 80)
+    assert training_flops([conv, fc], {"3": layer.k_backward}) == expected
+    assert training_flops([conv, fc], {}) == 3 * 2 * 12 * 8 + 2 * (2 * 40 + 160)  # no B given: every weight
+
+
+def test_the_run_summary_has_training_flops_per_token_of_a_language_model(tmp_path):
+    from conftest import make_config
+    from test_language_model import lm_overrides, write_text
+    from topkast_cli.run import build_run, kept_torch_settings
+    from topkast_cli.summary import train_flops
+
+    cfg = make_config([*lm_overrides(write_text(tmp_path / "t.txt")), "sparsity.forward=0.8", "sparsity.backward=0.6"])
+    with kept_torch_settings():
+        run = build_run(cfg)
+    # Per token, each Linear weight once: 2 blocks of width 32, attention 4 x 32², MLP 2 x 32 x 128
+    # (the tied output layer is F.linear with the embedding: not a module, not counted).
+    block = 4 * 32 * 32 + 2 * 32 * 128
+    out = train_flops(run)
+    assert out["train_flops_per"] == "token"
+    assert out["dense_train_flops"] == 3 * 2 * 2 * block
+    assert out["train_flops"] == sum(2 * (2 * l.k_forward + l.k_backward) for l in run.method.layers)

@@ -236,8 +236,10 @@ def test_text_configs_instantiate_without_touching_the_disk(name, tmp_path):
 
 # --------------------------------------------------------------------- through the trainer
 def test_resume_of_an_lm_run_is_exact(tmp_path):
-    # Masks lock at step 12 of either run (a fraction would resolve against the shorter first segment).
-    common = [*lm_overrides(write_text(tmp_path / "t.txt")), "trainer.deterministic=true", "sparsity.exploration_steps=12"]
+    # Masks lock at step 12 of either run (a fraction would resolve against the shorter first
+    # segment); likewise a constant lr (cosine_lm's warm-up and decay follow max_steps).
+    common = [*lm_overrides(write_text(tmp_path / "t.txt")), "trainer.deterministic=true", "sparsity.exploration_steps=12",
+              "scheduler=constant"]
     train(make_config(common), tmp_path / "straight")
     train(make_config([*common, "trainer.max_steps=8"]), tmp_path / "split")
     train(make_config([*common, "resume=auto"]), tmp_path / "split")

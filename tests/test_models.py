@@ -38,7 +38,7 @@ def build(name, input_shape, num_classes=7, overrides=()):
     return instantiate(cfg.model, "model", num_classes=num_classes, input_shape=input_shape)
 
 
-LANGUAGE_MODELS = {"transformer"}  # tests/test_language_model.py
+LANGUAGE_MODELS = {"transformer", "hf_causal_lm"}  # tests/test_language_model.py, tests/test_hf_model.py
 
 
 def test_every_model_config_is_covered():

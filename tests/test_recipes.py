@@ -78,3 +78,38 @@ def test_an_installed_package_finds_recipes_by_name(tmp_path):
     line = next(l for l in helped.stdout.splitlines() if l.startswith("experiment:"))
     assert {p.stem for p in RECIPES} <= {n.strip() for n in line.partition(":")[2].split(",")}
     assert not list(elsewhere.iterdir())  # --cfg and --help write nothing
+
+
+# ------------------------------------------------------------------ bigger-but-sparser
+WIDE = sorted(EXPERIMENTS.glob("lm_sparse_wide_*.yaml"))
+
+
+def nonzero_weights(overrides: list[str]) -> int:
+    """Non-zero weights of a composed LM config's model for Tiny Shakespeare's shapes (65
+    characters, context 128), as summary.json counts them after training (no parameter is 0)."""
+    import torch
+
+    from topkast_cli.config import instantiate
+
+    cfg = compose("train", [*overrides, "dataset.path=t.txt"])
+    model = instantiate(cfg.model, "model", vocab_size=65, context=128)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(1.0, 2.0)  # (a normal draw can be exactly 0)
+    method = instantiate(cfg.sparsity, "sparsity")
+    method.attach(model)
+    return method.measured_density(model)["nonzero"]
+
+
+def test_there_is_a_bigger_but_sparser_pair():
+    assert [p.stem for p in WIDE] == ["lm_sparse_wide_80", "lm_sparse_wide_90"]
+
+
+@pytest.mark.parametrize("path", WIDE, ids=[p.stem for p in WIDE])
+def test_a_bigger_but_sparser_recipe_has_no_more_nonzeros_than_the_dense_baseline(path):
+    header = path.read_text()
+    mine = int(re.search(r"this recipe, width \d+, Top-KAST [\d/]+:\s+([\d,]+)", header).group(1).replace(",", ""))
+    dense = int(re.search(r"dense baseline, width 128:\s+([\d,]+)", header).group(1).replace(",", ""))
+    assert nonzero_weights([f"experiment={path.stem}"]) == mine  # the header states the tool's count
+    assert nonzero_weights(["model=transformer", "dataset=textfile", "sparsity=dense"]) == dense
+    assert mine <= dense

@@ -60,6 +60,17 @@ def test_sweep_writes_one_row_per_run(sweep):
     assert "| method |" in result.stdout  # the table is printed
 
 
+def test_the_table_shows_weights_and_training_flops(sweep):
+    root, _ = sweep
+    dense, half, sparse = rows(root)
+    assert int(dense["nonzero"]) == int(dense["params"]) == int(sparse["params"]) > int(sparse["nonzero"])
+    assert dense["train_flops_per"] == "example"
+    assert float(dense["train_flops"]) > float(half["train_flops"]) > float(sparse["train_flops"]) > 0
+    md = (root / "summary.md").read_text()
+    assert "| non-zero weights | dense weights | train FLOPs / example |" in md
+    assert f"| {int(sparse['nonzero']):,} | {int(sparse['params']):,} |" in md
+
+
 def test_each_run_has_its_hparams_in_its_own_tensorboard_file(sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata

@@ -24,6 +24,16 @@ CONFIG_MODULE = "pkg://topkast_cli.conf"
 PRECISIONS = ("32", "bf16", "fp16")
 
 
+def scale_by_width(value: float, base_width: int, width: int) -> float:
+    """`value` for a model of `base_width`, scaled as 1/width (e.g. the LM learning rate:
+    `${scale_by_width:5e-3,128,${model.width}}`, so the composed config shows the rule)."""
+    return float(value) * int(base_width) / int(width)
+
+
+# Registered on import: every command and the configs it reloads (checkpoints, run dirs) resolve it.
+OmegaConf.register_new_resolver("scale_by_width", scale_by_width, replace=True)
+
+
 # ---------------------------------------------------------------------- composition
 def _one_line(e: BaseException) -> str:
     if isinstance(e, MissingConfigException) and getattr(e, "options", None):

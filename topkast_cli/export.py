@@ -5,7 +5,9 @@
 - `<name>.alpha-csr.pt`: the same with each sparse layer's weight compressed, per layer
   `{"layout": "csr", "shape", "crow_indices", "col_indices", "values"}` over the weight seen
   as a matrix (out, rest) with int32 indices; every other tensor as it is (`dense_from_csr`
-  turns an entry back).
+  turns an entry back). A weight stored (in, out) (transformers' Conv1D) is compressed as
+  that matrix too, its transpose, and its entry says `"transposed": true`; `shape` is always
+  the stored one.
 - `<name>.alpha-bsr.pt`, for a run with r x c blocks (`sparsity.block`): each sparse weight in
   BSR, `{"layout": "bsr", "shape", "blocksize", "crow_indices", "col_indices", "values"}` over
   the same matrix, the blocks of α that hold a nonzero (`dense_from_bsr` turns one back).
@@ -28,53 +30,58 @@ from .errors import UserError
 from .evaluate import load, run_config
 from .run import build_run, kept_torch_settings, restore
 from .sparsity import computed_state_dict
+from .sparsity.layer_types import matrix
 
 log = logging.getLogger("topkast")
 
 
-def csr_entry(weight: torch.Tensor) -> dict:
-    matrix = weight.detach().reshape(weight.shape[0], -1).to_sparse_csr()
-    small = weight.numel() < 2**31
-    index = torch.int32 if small else torch.int64
-    return {
-        "layout": "csr",
-        "shape": list(weight.shape),
-        "crow_indices": matrix.crow_indices().to(index),
-        "col_indices": matrix.col_indices().to(index),
-        "values": matrix.values().clone(),
-    }
-
-
-def bsr_entry(weight: torch.Tensor, blocksize: tuple[int, int]) -> dict:
-    matrix = weight.detach().reshape(weight.shape[0], -1).to_sparse_bsr(blocksize)
+def _compressed(weight: torch.Tensor, transposed: bool, compressed: torch.Tensor, **fields) -> dict:
     index = torch.int32 if weight.numel() < 2**31 else torch.int64
     return {
-        "layout": "bsr",
+        **fields,
         "shape": list(weight.shape),
-        "blocksize": list(blocksize),
-        "crow_indices": matrix.crow_indices().to(index),
-        "col_indices": matrix.col_indices().to(index),
-        "values": matrix.values().clone(),
+        **({"transposed": True} if transposed else {}),
+        "crow_indices": compressed.crow_indices().to(index),
+        "col_indices": compressed.col_indices().to(index),
+        "values": compressed.values().clone(),
     }
+
+
+def csr_entry(weight: torch.Tensor, transposed: bool = False) -> dict:
+    """`weight` (stored (in, out) when `transposed`) as its out x in matrix in CSR."""
+    compressed = matrix(weight.detach(), transposed).to_sparse_csr()
+    return _compressed(weight, transposed, compressed, layout="csr")
+
+
+def bsr_entry(weight: torch.Tensor, blocksize: tuple[int, int], transposed: bool = False) -> dict:
+    compressed = matrix(weight.detach(), transposed).to_sparse_bsr(blocksize)
+    return _compressed(weight, transposed, compressed, layout="bsr", blocksize=list(blocksize))
+
+
+def _stored(entry: dict, dense_matrix: torch.Tensor) -> torch.Tensor:
+    """The out x in matrix back in the weight's stored layout."""
+    return dense_matrix.t().contiguous() if entry.get("transposed") else dense_matrix.reshape(entry["shape"])
+
+
+def _matrix_size(entry: dict) -> tuple[int, int]:
+    shape = entry["shape"]
+    return (shape[1], shape[0]) if entry.get("transposed") else (shape[0], math.prod(shape[1:]))
 
 
 def dense_from_bsr(entry: dict) -> torch.Tensor:
-    shape = entry["shape"]
-    matrix = torch.sparse_bsr_tensor(
-        entry["crow_indices"].long(), entry["col_indices"].long(), entry["values"], (shape[0], math.prod(shape[1:])),
+    compressed = torch.sparse_bsr_tensor(
+        entry["crow_indices"].long(), entry["col_indices"].long(), entry["values"], _matrix_size(entry),
         check_invariants=True,
     )
-    return matrix.to_dense().reshape(shape)
+    return _stored(entry, compressed.to_dense())
 
 
 def dense_from_csr(entry: dict) -> torch.Tensor:
-    shape = entry["shape"]
-    rows = shape[0]
-    matrix = torch.sparse_csr_tensor(
-        entry["crow_indices"].long(), entry["col_indices"].long(), entry["values"], (rows, math.prod(shape[1:])),
+    compressed = torch.sparse_csr_tensor(
+        entry["crow_indices"].long(), entry["col_indices"].long(), entry["values"], _matrix_size(entry),
         check_invariants=True,  # a file from elsewhere: checked, not trusted
     )
-    return matrix.to_dense().reshape(shape)
+    return _stored(entry, compressed.to_dense())
 
 
 def output_paths(cfg: DictConfig) -> tuple[Path, Path]:
@@ -101,8 +108,8 @@ def export_checkpoint(cfg: DictConfig) -> dict:
     run = build_run(run_config(state, settings))
     restore(run, state, where, training=False)
     dense = computed_state_dict(run.model)
-    sparse_names = {layer.name for layer in run.method.layers}
-    compressed = {k: csr_entry(v) if k in sparse_names else v for k, v in dense.items()}
+    transposed = {layer.name: layer.transposed for layer in run.method.layers}  # the sparse weights
+    compressed = {k: csr_entry(v, transposed[k]) if k in transposed else v for k, v in dense.items()}
     plain_path, csr_path = output_paths(cfg)
     structure = run.method.structure
     blocks = None if structure.unstructured else structure.blocksize  # (r, c), or None for N:M
@@ -110,7 +117,8 @@ def export_checkpoint(cfg: DictConfig) -> dict:
         save_checkpoint(plain_path, dense)
         save_checkpoint(csr_path, compressed)
         if blocks:
-            save_checkpoint(bsr_path(csr_path), {k: bsr_entry(v, blocks) if k in sparse_names else v for k, v in dense.items()})
+            save_checkpoint(bsr_path(csr_path), {k: bsr_entry(v, blocks, transposed[k]) if k in transposed else v
+                                                 for k, v in dense.items()})
     except OSError as e:
         raise UserError(f"cannot write the export to {plain_path.parent}: {e.strerror or e}; choose export.output=DIR") from None
     density = run.method.measured_density(run.model)

@@ -103,17 +103,20 @@ def build_optimizer(make_optimizer, model: torch.nn.Module, method: SparsityMeth
     """Sparse weights get no ordinary weight decay: the method's regulariser replaces it, and
     decay would move frozen entries outside the backward set. For a sparse layer the optimizer
     trains what the method names (θ, or on the sparse backend B's values, θ then needing no
-    gradient), so its state exists only for what is trained."""
-    sparse = method.sparse_parameters()
-    sparse_ids = {id(p) for p in sparse}
+    gradient), so its state exists only for what is trained. A sparse group with an `lr_scale`
+    (`sparsity.lr_scale`) gets the configured lr times it; schedulers then scale every group's
+    lr by the same factor, so the ratio holds over the run."""
+    sparse_ids = {id(p) for p in method.sparse_parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in sparse_ids]}]
-    if sparse:
-        groups.append({"params": sparse, "weight_decay": 0.0})
+    groups = [{"params": [p for p in params if id(p) not in sparse_ids]}, *method.parameter_groups()]
     try:
-        return make_optimizer(groups)
+        optimizer = make_optimizer(groups)
     except (TypeError, ValueError) as e:  # torch's own argument checks (e.g. nesterov without momentum)
         raise UserError(f"{name}: {e}") from None
+    for group in optimizer.param_groups:
+        if "lr_scale" in group:
+            group["lr"] = group["lr"] * group["lr_scale"]  # a new object: groups may share an lr tensor
+    return optimizer
 
 
 def build_model(cfg: DictConfig, data, meta: bool = False) -> torch.nn.Module:

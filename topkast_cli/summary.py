@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .flops import count_flops, training_flops
 from .run import Run
 from .sparsity import SparsityMethod
 
@@ -25,7 +29,8 @@ def summarize(run: Run, status: str, segment_wall: float, start_step: int, error
         "steps_per_sec": (run.step - start_step) / max(segment_wall, 1e-9),
         "final": run.last_eval,
         "best": run.best,
-        "density": density,
+        "density": density,  # params (dense weights) and nonzero (non-zero weights) of the whole model
+        **train_flops(run),
         "backends": m.backends(),  # each sparse layer's compute backend (masked | sparse)
         "skipped_steps": run.skipped_steps,
         "seed": run.cfg.seed,
@@ -33,6 +38,26 @@ def summarize(run: Run, status: str, segment_wall: float, start_step: int, error
     if error:
         summary["error"] = error
     return summary
+
+
+def train_flops(run: Run) -> dict:
+    """FLOPs of one training step per token (language models: a window's count over its
+    length) or per example, as `flops.training_flops` counts them with the run's last masks;
+    the same model dense beside it."""
+    per = "example" if run.data.task == "classification" else "token"
+    try:
+        x = torch.zeros_like(run.data.example_batch(1, run.device)[0])
+        layers = count_flops(run.model, x)
+    except Exception:  # (e.g. out of memory after a failed run: its summary must still be written)
+        return {"train_flops": None, "dense_train_flops": None, "train_flops_per": per}
+    backward = {layer.name.removesuffix(".weight"): layer.k_backward for layer in run.method.layers}
+    dense = [dataclasses.replace(l, nonzero=l.params, flops=l.dense_flops) for l in layers]
+    n = x[0].numel() if per == "token" else 1
+    return {
+        "train_flops": training_flops(layers, backward) / n,
+        "dense_train_flops": training_flops(dense, {}) / n,
+        "train_flops_per": per,
+    }
 
 
 def hparams(cfg: DictConfig, method: SparsityMethod) -> dict:

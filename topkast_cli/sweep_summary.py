@@ -113,6 +113,10 @@ def job_row(job_dir: Path, root: Path) -> dict:
         "seed": config.get("seed"),
         "sparse_density": None,
         "density": None,
+        "nonzero": None,  # non-zero weights of the whole model (what inference computes with)
+        "params": None,  # its dense weights
+        "train_flops": None,
+        "train_flops_per": None,
         "metric": None,
         "best": None,
         "best_step": None,
@@ -133,6 +137,10 @@ def job_row(job_dir: Path, root: Path) -> dict:
             backward_sparsity=summary.get("backward_sparsity", row["backward_sparsity"]),
             sparse_density=density.get("sparse_density"),
             density=density.get("density"),
+            nonzero=density.get("nonzero"),
+            params=density.get("params"),
+            train_flops=summary.get("train_flops"),
+            train_flops_per=summary.get("train_flops_per"),
             metric=metric,
             best=_metric(summary.get("best"), metric),
             best_step=(summary.get("best") or {}).get("step"),
@@ -221,10 +229,25 @@ def groups(rows: list[dict], extras: list[str]) -> list[tuple[tuple, list[dict]]
     return list(out.items())
 
 
+def _count(values: list, si: bool = False) -> str:
+    """A count of one setting (the same for every seed, so the mean): weights exact, FLOPs in
+    K/M/G."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)) if si else ():
+        if mean >= scale:
+            return f"{mean / scale:.3g}{unit}"
+    return f"{mean:,.0f}"
+
+
 def markdown(rows: list[dict]) -> str:
     extras = varying_keys(rows)
     metric = next((r["metric"] for r in rows if r.get("metric")), "metric")
-    head = ["method", "forward", "backward", "density", *extras, "runs", f"best {metric}", f"final {metric}", "wall time", "status"]
+    per = next((r["train_flops_per"] for r in rows if r.get("train_flops_per")), "example")
+    head = ["method", "forward", "backward", "density", *extras, "non-zero weights", "dense weights",
+            f"train FLOPs / {per}", "runs", f"best {metric}", f"final {metric}", "wall time", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for (method, forward, backward, _, extra), members in groups(rows, extras):
         done = [m for m in members if m["status"] == "completed"]
@@ -234,6 +257,7 @@ def markdown(rows: list[dict]) -> str:
         wall = [m["wall_time_s"] for m in done if m["wall_time_s"] is not None]
         cells = [
             method, f"{forward:.2f}", f"{backward:.2f}", f"{statistics.fmean(density):.4f}" if density else "-", *extra,
+            _count([m["nonzero"] for m in done]), _count([m["params"] for m in done]), _count([m["train_flops"] for m in done], si=True),
             str(len(members)) if len(done) == len(members) else f"{len(done)}/{len(members)}",
             _pm([m["best"] for m in done if m["best"] is not None]),
             _pm([m["final"] for m in done if m["final"] is not None]),
@@ -251,7 +275,7 @@ def markdown(rows: list[dict]) -> str:
 
 CSV_FIELDS = [
     "job", "status", "method", "forward_sparsity", "backward_sparsity", "backward_setting", "seed",
-    "sparse_density", "density", "metric", "best", "best_step", "final", "final_loss", "steps", "total_steps",
+    "sparse_density", "density", "nonzero", "params", "train_flops", "train_flops_per", "metric", "best", "best_step", "final", "final_loss", "steps", "total_steps",
     "wall_time_s", "model", "dataset", "overrides", "error",
 ]
 

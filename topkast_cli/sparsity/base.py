@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError, check_number
+from . import powerprop
 from .backend_choice import choose_backends
 from .distribution import DISTRIBUTIONS
+from .layer_types import stores_transposed
 from .masking import MaskedWeight, attach, dense_parameter
 from .sparse_linear import SparseLinearWeight, attach_sparse, can_run
 from .schedule import MaskSchedule
@@ -57,10 +59,13 @@ class SparseLayer:
     """
 
     def __init__(self, name: str, module: nn.Module, k_forward: int, k_backward: int, backend: str = "masked",
-                 blocksize: tuple = (1, 1)):
+                 blocksize: tuple = (1, 1), power: float = 1.0):
         self.name = name  # plain parameter name, e.g. "layer1.0.conv1.weight"
         self.module = module
         self.blocksize = tuple(blocksize)  # (r, r): masks of whole blocks, which `sparse` runs in BSR
+        self.transposed = stores_transposed(module)  # weight stored (in, out): transformers' Conv1D
+        # Powerpropagation's p: the layer computes with w = θ·|θ|^(p−1) on A (1: with θ)
+        self.power = float(power)
         self.k_forward = k_forward
         self.k_backward = k_backward
         self.churn = 0.0  # share of A that changed at the last mask update
@@ -97,7 +102,9 @@ class SparseLayer:
         self._compute.install(dense_parameter(self.module), forward, backward, None)
 
     def _attach(self, backend: str) -> MaskedWeight | SparseLinearWeight:
-        return attach_sparse(self.module, self.blocksize) if backend == "sparse" else attach(self.module)
+        side = attach_sparse(self.module, self.blocksize) if backend == "sparse" else attach(self.module)
+        side.power = self.power
+        return side
 
     def reload(self) -> None:
         """θ was written from outside (a checkpoint): the compute side takes it as it is; the
@@ -243,6 +250,12 @@ class SparsityMethod:
     # Config keys added after checkpoints were first written, with the value that a
     # checkpoint written without them was trained with (resuming such a run compares these).
     added_keys: dict = {}
+    # Options for sparse layers that learn slowly, off here (Top-KAST configures them):
+    # Powerpropagation's p, the factor on the initial weights (`initial_scale`) and the
+    # learning-rate factor of the sparse layers (`parameter_groups`).
+    powerprop: float = 1.0
+    alpha_scale: str | float | None = None
+    lr_scale: str | float | None = None
 
     def __init__(
         self,
@@ -331,11 +344,13 @@ class SparsityMethod:
         timed = []
         for pname, name, module, k, k_backward, backend in self.plan(model):
             blocksize = self.structure.blocksize or (1, 1)  # (N:M has none, and stays masked)
-            self.layers.append(SparseLayer(pname, module, k, k_backward, "masked" if backend == "auto" else backend, blocksize))
+            self.layers.append(SparseLayer(pname, module, k, k_backward, "masked" if backend == "auto" else backend,
+                                           blocksize, self.powerprop))
             if backend == "auto":
                 timed.append(self.layers[-1])
         for layer in self.layers:
             forward, backward = self.initial_masks(layer)
+            self.initialize(layer, forward)
             layer.set_masks(forward, backward)
         if timed:
             self.backend_notes.update(choose_backends(model, timed, example))
@@ -360,7 +375,7 @@ class SparsityMethod:
         names = [f"{n}.weight" if n else "weight" for n, _ in chosen]
         shapes = {pname: tuple(m.weight.shape) for pname, (_, m) in zip(names, chosen)}
         for name, module in chosen:
-            self.structure.check(name, tuple(module.weight.shape))
+            self.structure.check(name, tuple(module.weight.shape), stores_transposed(module))
         k_forward, k_backward = self.structure.counts(shapes, self.density, self.backward_density, self.distribution)
         plan = []
         for pname, (name, module) in zip(names, chosen):
@@ -392,11 +407,34 @@ class SparsityMethod:
     def initial_masks(self, layer: SparseLayer) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def initialize(self, layer: SparseLayer, forward: torch.Tensor) -> None:
+        """θ of a layer just attached, given its first A: the model's initial weights w₀ times
+        `initial_scale`, as the θ that Powerpropagation turns back into them (sign(w)·|w|^(1/p)),
+        so the layer starts computing with the scaled w₀ on A. Both are monotone in |w|: A and
+        B stay the top k. A resumed run loads its θ over this."""
+        theta = layer.theta
+        scale = initial_scale(self.alpha_scale, theta.detach(), forward)
+        if scale != 1.0 or layer.power != 1.0:
+            theta.copy_(powerprop.parameter_for(theta.detach() * scale, layer.power))
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         """The tensors the optimizer trains for the sparse layers, in layer order: θ (`masked`)
         or B's values (`sparse`; θ then needs no gradient). The trainer gives these no
         ordinary weight decay."""
         return [layer.trained for layer in self.layers]
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer parameter groups of `sparse_parameters`, without ordinary weight decay.
+        One group; with `lr_scale` one per layer, in layer order (the same groups on every
+        build, so a checkpoint's optimizer state loads), each with its `lr_scale`, the factor
+        the optimizer's lr is multiplied by for that layer (`run.build_optimizer`)."""
+        if not self.layers:
+            return []
+        if self.lr_scale is None:
+            return [{"params": self.sparse_parameters(), "weight_decay": 0.0}]
+        return [{"params": [layer.trained], "weight_decay": 0.0, "lr_scale": layer_lr_scale(self.lr_scale, layer)}
+                for layer in self.layers]
 
     def backends(self) -> dict[str, str]:
         """Each sparse layer's backend (masked or sparse), by parameter name."""
@@ -616,6 +654,32 @@ class SparsityMethod:
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+
+def initial_scale(option: str | float | None, w: torch.Tensor, forward: torch.Tensor) -> float:
+    """The factor `sparsity.alpha_scale` multiplies a layer's initial weights w by. "rms":
+    ‖w‖/‖w ⊙ 1_A‖, so the weights the layer computes with at init have the dense layer's sum
+    of squares; for inputs of uncorrelated entries with equal variance its outputs then have
+    the dense layer's variance (averaged over units). A random A would give 1/sqrt(D); A holds
+    the top-k |w|, which already carry more than D of the sum, so the factor is smaller.
+    A number: that number. None: 1."""
+    if option is None:
+        return 1.0
+    if option != "rms":
+        return float(option)
+    kept = float(torch.linalg.vector_norm(w[forward], dtype=torch.float64))
+    return float(torch.linalg.vector_norm(w, dtype=torch.float64)) / kept if kept > 0 else 1.0
+
+
+def layer_lr_scale(option: str | float, layer: SparseLayer) -> float:
+    """The factor `sparsity.lr_scale` puts on a sparse layer's learning rate. "density": 1/D,
+    D the layer's forward density. Why: a step moves every trained entry by about lr (Adam),
+    or by lr·g; only A's entries change the layer's output, and a unit sums D·fan-in of them,
+    so per step a sparse layer's output moves D times as far as the dense layer's (the
+    fan-in argument of μP: Adam's lr ∝ 1/fan-in). 1/D gives the sparse layer the dense
+    layer's speed. It also moves B \\ A's entries 1/D times faster, so a number below 1 is
+    the way to test the other reading (lr drift ranking B, not importance). A number: it."""
+    return 1.0 / layer.density if option == "density" else float(option)
 
 
 def _learning_rates(optimizer: torch.optim.Optimizer | None) -> dict[int, float]:

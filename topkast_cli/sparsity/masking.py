@@ -1,9 +1,10 @@
 """The compute side of a sparse layer: how its dense θ and its two masks become the weight it
 computes with.
 
-Every sparse layer (Linear, Conv, Embedding) gets a `MaskedWeight` parametrization on its
-`weight`, so any code that reads `module.weight` (its own forward, attention blocks that read
-`out_proj.weight`, tied embeddings) sees α = θ ⊙ 1_A, while θ stays the stored parameter.
+Every sparse layer (Linear, Conv, Embedding, transformers' Conv1D: see `layer_types`) gets a
+`MaskedWeight` parametrization on its `weight`, so any code that reads `module.weight` (its
+own forward, attention blocks that read `out_proj.weight`, tied embeddings) sees
+α = θ ⊙ 1_A, while θ stays the stored parameter.
 
 The masks are stored here, once, as bool tensors (one byte per weight; B = A is one shared
 tensor). Only their owner, `base.SparseLayer`, reads or changes them: everything else asks
@@ -21,6 +22,8 @@ import weakref
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from . import powerprop
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -72,7 +75,8 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.T
 class MaskedWeight(nn.Module):
     """Parametrization θ -> α, holding the layer's masks (bool, not state_dict buffers: the
     checkpoint stores masks apart from the model). Read and written by `SparseLayer` only.
-    The optimizer trains θ itself; its gradient is dense, zero outside B."""
+    The optimizer trains θ itself; its gradient is dense, zero outside B. With `power` p
+    (Powerpropagation) the layer computes with w = θ·|θ|^(p−1) in place of θ."""
 
     backend = "masked"
 
@@ -83,6 +87,7 @@ class MaskedWeight(nn.Module):
         self.backward_mask = empty  # B ⊇ A; the same tensor when B = A
         self.dense_gradient = False  # let every entry's gradient through (RigL's capture)
         self.use_dense = False  # compute with the dense θ (eval.dense=true)
+        self.power = 1.0  # Powerpropagation's p (1: off)
         # Reused between steps, so a training step makes no layer-sized tensor here: α's
         # buffer (with a weak reference to the α last handed out: the buffer is written again
         # only once that is gone), and the regulariser's per-entry factor, which depends on
@@ -93,27 +98,30 @@ class MaskedWeight(nn.Module):
         self._factor_key = None
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        # The power before the mask: B \ A then gets ∂L/∂w·p|θ|^(p−1), where after it (0's
+        # derivative) it would get nothing.
+        w = powerprop.weight(theta, self.power)
         if self.use_dense:
-            return theta
+            return w
         backward = None if self.dense_gradient else self.backward_mask
-        out = self._alpha_buffer(theta)
-        alpha = masked_weight(theta, self.forward_mask, backward, out)
+        out = self._alpha_buffer(w)
+        alpha = masked_weight(w, self.forward_mask, backward, out)
         if out is not None:
             self._alpha_out = weakref.ref(alpha)
         return alpha
 
-    def _alpha_buffer(self, theta: torch.Tensor) -> torch.Tensor | None:
+    def _alpha_buffer(self, w: torch.Tensor) -> torch.Tensor | None:
         """The buffer for α in a training forward pass, or None (a fresh α): without gradient
         (evaluation, inspection) α is never a buffer that a later step overwrites; a layer read
         twice in one pass (tied weights) gets a fresh α while the first is alive; θ in another
-        memory format (channels-last convolutions) keeps the plain path."""
-        if not (torch.is_grad_enabled() and theta.requires_grad and theta.is_contiguous()):
+        memory format (channels-last convolutions) keeps the plain path. `w`: θ, or its power."""
+        if not (torch.is_grad_enabled() and w.requires_grad and w.is_contiguous()):
             return None
         if self._alpha_out is not None and self._alpha_out() is not None:
             return None
         buffer = self._alpha
-        if buffer is None or buffer.shape != theta.shape or buffer.dtype != theta.dtype or buffer.device != theta.device:
-            self._alpha = buffer = torch.empty_like(theta, memory_format=torch.contiguous_format)
+        if buffer is None or buffer.shape != w.shape or buffer.dtype != w.dtype or buffer.device != w.device:
+            self._alpha = buffer = torch.empty_like(w, memory_format=torch.contiguous_format)
         return buffer
 
     # The compute-side interface (see the module docstring); θ is the layer's parameter.
@@ -181,10 +189,6 @@ class MaskedWeight(nn.Module):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
-SPARSE_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-EMBEDDING_TYPES = (nn.Embedding,)
-
-
 def attach(module: nn.Module) -> MaskedWeight:
     """Parametrize `module.weight`; the Parameter object θ itself is kept (optimizers
     built before or after see the same tensor)."""
@@ -211,14 +215,17 @@ def plain_name(name: str) -> str:
 def plain_state_dict(model: nn.Module) -> dict:
     """state_dict with the names of the dense model (θ under `layer.weight`). It loads into a
     plain torchvision/PyTorch model, but that model then computes with θ, not α: for the
-    network a run trains use `computed_state_dict`."""
+    network a run trains use `computed_state_dict`. θ is the trained parameter, what a
+    checkpoint must hold to resume exactly: under Powerpropagation the layer's weight is
+    θ·|θ|^(p−1), whose inverse does not round-trip bit for bit."""
     return {plain_name(k): v for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()
 def computed_state_dict(model: nn.Module) -> dict:
     """`plain_state_dict` with each parametrized weight replaced by what the layer computes
-    with (α, zeros in place): the trained network, for a plain model."""
+    with (α, zeros in place; under Powerpropagation w = θ·|θ|^(p−1) on A): the trained
+    network, for a plain model."""
     state = plain_state_dict(model)
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):

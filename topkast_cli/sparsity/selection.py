@@ -1,5 +1,6 @@
-"""Which weights are sparse: Conv/Linear weights (embeddings optionally), minus the layers
-the user keeps dense (the first layer by default, and name patterns)."""
+"""Which weights are sparse: Conv/Linear weights (transformers' Conv1D too, see `layer_types`;
+embeddings optionally), minus the layers the user keeps dense (the first layer by default,
+and name patterns)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import fnmatch
 from torch import nn
 
 from ..errors import UserError
-from .masking import EMBEDDING_TYPES, SPARSE_LAYER_TYPES
+from .layer_types import EMBEDDING_TYPES, sparse_layer_types
 
 
 def candidate_layers(model: nn.Module, include_embeddings: bool = False) -> list[tuple[str, nn.Module]]:
-    types = SPARSE_LAYER_TYPES + (EMBEDDING_TYPES if include_embeddings else ())
+    types = sparse_layer_types() + (EMBEDDING_TYPES if include_embeddings else ())
     return [
         (name, m)
         for name, m in model.named_modules()

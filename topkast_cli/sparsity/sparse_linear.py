@@ -1,6 +1,7 @@
 """The `sparse` compute side of a Linear layer (or a 1x1 convolution, which is a Linear layer
-over channels at every position): α held compressed, the weight gradient only on B, and the
-optimizer training only B's values.
+over channels at every position, or transformers' Conv1D, a Linear layer with its weight
+stored (in, out)): α held compressed, the weight gradient only on B, and the optimizer
+training only B's values.
 
 The tensor the optimizer trains is `values`: the |B| values of B, those of A first and then
 those of B \\ A, each part in row-major order (the order of a CSR tensor's values and of
@@ -10,6 +11,10 @@ boolean indexing). The layer's forward is replaced by `_SparseLinear`:
 - input gradient: through α^T in CSR (A^T's pattern, A's values permuted);
 - weight gradient: `torch.sparse.sampled_addmm` on A's and on B \\ A's pattern, so it costs
   O(batch x |B|) and its entries are ∂L/∂α on B (also where α is 0).
+
+A weight stored (in, out) keeps its own layout everywhere (masks, B's value order, the
+patterns): y = x α computes with the pattern of α^T where a Linear layer uses α's and the
+other way round, and its weight gradient samples x^T gy instead of gy^T x.
 
 With r x r blocks (`sparsity.block`) α and α^T are BSR tensors instead (A's blocks; the
 values gathered into block order for each product, `BlockPattern`); everything else is the
@@ -43,6 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+from . import powerprop
+from .layer_types import stores_transposed
 
 # torch flags its CSR and BSR support as beta on first use; the kernels used here are stable ones.
 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
@@ -264,7 +272,8 @@ def _weight_gradient(p: Pattern, gy_t: torch.Tensor, x_t: torch.Tensor) -> torch
 
 
 class _SparseLinear(torch.autograd.Function):
-    """y = x α^T for a 2-D x; gradients for x and for B's values.
+    """y = x α^T for a 2-D x (y = x α when `transposed`: α stored (in, out)); gradients for x
+    and for B's values.
 
     The CSR kernels want the dense operand feature-major (features x batch, contiguous) and
     give their result that way: y is returned as a transposed view of it, so the next sparse
@@ -272,11 +281,12 @@ class _SparseLinear(torch.autograd.Function):
     and so does the backward pass."""
 
     @staticmethod
-    def forward(ctx, x, values, p: Pattern):
-        alpha = _alpha(p, values)
+    def forward(ctx, x, values, p: Pattern, transposed: bool = False):
+        alpha = _alpha_t(p, values) if transposed else _alpha(p, values)  # out x in either way
         x_t = x.t().contiguous()  # free when x is itself a transposed view
         ctx.save_for_backward(x_t, values)
         ctx.pattern = p  # a refresh builds a new Pattern: this step's stays valid
+        ctx.transposed = transposed
         return torch.sparse.mm(alpha, x_t).t()
 
     @staticmethod
@@ -286,10 +296,12 @@ class _SparseLinear(torch.autograd.Function):
         grad_x = grad_values = None
         gy_t = gy.t().contiguous()
         if ctx.needs_input_grad[0]:
-            grad_x = torch.sparse.mm(_alpha_t(p, values), gy_t).t()
+            alpha_t = _alpha(p, values) if ctx.transposed else _alpha_t(p, values)  # in x out
+            grad_x = torch.sparse.mm(alpha_t, gy_t).t()
         if ctx.needs_input_grad[1]:
-            grad_values = _weight_gradient(p, gy_t, x_t)
-        return grad_x, grad_values, None
+            # ∂L/∂α in the stored layout: gy^T x for (out, in), x^T gy for (in, out)
+            grad_values = _weight_gradient(p, x_t, gy_t) if ctx.transposed else _weight_gradient(p, gy_t, x_t)
+        return grad_x, grad_values, None, None
 
 
 class _DenseAlpha(torch.autograd.Function):
@@ -312,15 +324,16 @@ class _DenseAlpha(torch.autograd.Function):
 
 def _forward(module: nn.Module, side: "SparseLinearWeight", x: torch.Tensor) -> torch.Tensor:
     """The layer's forward on the sparse backend (fp32 kernels: no autocast inside)."""
+    linear = isinstance(module, nn.Linear) or side.transposed
     if side.use_dense:
-        side.sync(module.parametrizations.weight.original)
-        if isinstance(module, nn.Linear):
-            return F.linear(x, module.weight, module.bias)
+        side.sync(module.parametrizations.weight.original)  # module.weight: w of the dense θ
+        if linear:
+            return F.linear(x, module.weight.t() if side.transposed else module.weight, module.bias)
         return module._conv_forward(x, module.weight, module.bias)
     with torch.autocast(x.device.type, enabled=False):
-        if isinstance(module, nn.Linear):
+        if linear:
             rows = x.reshape(-1, x.shape[-1]).to(side.values.dtype)
-            y = _SparseLinear.apply(rows, side.values, side.pattern).reshape(*x.shape[:-1], -1)
+            y = _SparseLinear.apply(rows, side.weights(), side.pattern, side.transposed).reshape(*x.shape[:-1], -1)
             return y if module.bias is None else y + module.bias
         return _pointwise_conv(module, side, x)
 
@@ -335,7 +348,7 @@ def _pointwise_conv(module: nn.Module, side: "SparseLinearWeight", x: torch.Tens
     x = x[(slice(None), slice(None), *(slice(None, None, s) for s in module.stride))]
     n, channels, *space = x.shape
     rows = x.transpose(0, 1).reshape(channels, -1).t().to(side.values.dtype)
-    y = _SparseLinear.apply(rows, side.values, side.pattern)
+    y = _SparseLinear.apply(rows, side.weights(), side.pattern)
     if module.bias is not None:
         y = y + module.bias
     y = y.t().reshape(-1, n, *space).transpose(0, 1)
@@ -345,17 +358,21 @@ def _pointwise_conv(module: nn.Module, side: "SparseLinearWeight", x: torch.Tens
 class SparseLinearWeight(nn.Module):
     """The sparse compute side (see the module docstring). Holds the layer's bool masks, as
     the masked side does, plus B's values and the CSR (and with blocks BSR) patterns built
-    from the masks; `blocksize` (r, r) for masks of whole blocks."""
+    from the masks; `blocksize` (r, r) for masks of whole blocks; `transposed`: θ is stored
+    (in, out). With `power` p (Powerpropagation) the values trained are θ's and α's are
+    θ·|θ|^(p−1) of them."""
 
     backend = "sparse"
 
-    def __init__(self, theta: torch.Tensor, blocksize: tuple = (1, 1)):
+    def __init__(self, theta: torch.Tensor, blocksize: tuple = (1, 1), transposed: bool = False):
         super().__init__()
         self.blocksize = tuple(blocksize)
+        self.transposed = transposed
         empty = torch.zeros(theta.shape, dtype=torch.bool, device=theta.device)
         self.forward_mask = empty  # A
         self.backward_mask = empty  # B ⊇ A; the same tensor when B = A
         self.use_dense = False
+        self.power = 1.0  # Powerpropagation's p (1: off)
         # Not registered: it is no parameter of the model (the state_dict holds θ alone).
         object.__setattr__(self, "values", nn.Parameter(theta.new_zeros(0)))
         self.pattern = build_pattern(empty, empty)
@@ -363,8 +380,13 @@ class SparseLinearWeight(nn.Module):
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         if self.use_dense:
-            return theta
-        return _DenseAlpha.apply(self.values, self.forward_mask, self.backward_mask, self.pattern.k)
+            return powerprop.weight(theta, self.power)
+        return _DenseAlpha.apply(self.weights(), self.forward_mask, self.backward_mask, self.pattern.k)
+
+    def weights(self) -> torch.Tensor:
+        """B's values as the layer computes with them (differentiable in `values`): the values
+        themselves, or w = θ·|θ|^(p−1) of them under Powerpropagation."""
+        return powerprop.weight(self.values, self.power)
 
     def trained(self, theta: nn.Parameter) -> nn.Parameter:
         """The tensor the optimizer trains for this layer: B's values."""
@@ -456,8 +478,9 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def can_run(module: nn.Module) -> bool:
-    """Linear layers, and 1x1 convolutions without padding or groups (any stride)."""
-    if isinstance(module, nn.Linear):
+    """Linear layers (transformers' Conv1D too), and 1x1 convolutions without padding or
+    groups (any stride)."""
+    if isinstance(module, nn.Linear) or stores_transposed(module):
         return True
     if not isinstance(module, CONV_TYPES) or module.groups != 1 or module.padding_mode != "zeros":
         return False
@@ -471,7 +494,7 @@ def attach_sparse(module: nn.Module, blocksize: tuple = (1, 1)) -> SparseLinearW
     `blocksize` r x r, the BSR) kernel. θ stays the Parameter object it was, no longer trained
     directly."""
     theta = module.weight
-    side = SparseLinearWeight(theta.detach(), blocksize)
+    side = SparseLinearWeight(theta.detach(), blocksize, stores_transposed(module))
     parametrize.register_parametrization(module, "weight", side, unsafe=True)
     module.forward = functools.partial(_forward, module, side)
     theta.requires_grad_(False)

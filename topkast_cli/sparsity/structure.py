@@ -2,7 +2,8 @@
 
 Top-KAST's rule holds at every grain (DESIGN.md §1, "Structured variants"). A weight is seen
 as the matrix θ.reshape(out, -1), as the masked backend sees it: a Linear layer's (out, in), a
-convolution's out channels x (in channels x kernel positions, in PyTorch's order).
+convolution's out channels x (in channels x kernel positions, in PyTorch's order), and the
+transpose of a weight stored (in, out) (`transposed`: transformers' Conv1D, see `layer_types`).
 
 - `Blocks(r, c)`: A and B are the top k_A and k_B of the matrix's r x c blocks by the block's
   L2 norm of θ, exact k in blocks (k = round(D x blocks)); the densities count blocks (ERK
@@ -27,14 +28,21 @@ import torch
 
 from ..errors import UserError
 from .distribution import backward_counts, layer_counts
+from .layer_types import matrix_shape
 from .topk import CHUNK, topk_mask, topk_masks, topk_masks_every_row, topk_masks_in_groups
 
 PATTERNS = ("block", "nm")
 
 
-def matrix_shape(shape: tuple) -> tuple[int, int]:
-    """(rows, columns) of a weight of `shape` seen as θ.reshape(out, -1)."""
-    return shape[0], math.prod(shape[1:])
+def in_stored_layout(masks_of, theta: torch.Tensor, transposed: bool):
+    """`masks_of(matrix)` -> (A, B) chosen on the out x in matrix of θ, returned in θ's own
+    layout. A weight stored (in, out) is transposed for the choice (a copy of θ, once per
+    refresh) and its masks back."""
+    if not transposed:
+        return masks_of(theta)
+    forward, backward = masks_of(theta.t().contiguous())
+    back = forward.t().contiguous()
+    return back, back if backward is forward else backward.t().contiguous()
 
 
 def _two_ints(key: str, value, what: str) -> tuple[int, int]:
@@ -78,9 +86,9 @@ class Blocks:
             return f"{self}: its BSR kernels take square blocks only"
         return None
 
-    def check(self, name: str, shape: tuple) -> None:
+    def check(self, name: str, shape: tuple, transposed: bool = False) -> None:
         """A UserError if the blocks do not tile layer `name`'s matrix."""
-        out, cols = matrix_shape(shape)
+        out, cols = matrix_shape(shape, transposed)
         if out % self.rows or cols % self.cols:
             raise UserError(
                 f"{self} does not divide layer {name}: its weight {tuple(shape)} is a {out} x {cols} matrix; "
@@ -149,8 +157,8 @@ class NM:
     def sparse_reason(self) -> str | None:
         return f"{self}: N:M has no sparse kernel here"
 
-    def check(self, name: str, shape: tuple) -> None:
-        out, cols = matrix_shape(shape)
+    def check(self, name: str, shape: tuple, transposed: bool = False) -> None:
+        out, cols = matrix_shape(shape, transposed)
         if cols % self.m:
             raise UserError(
                 f"{self} does not fit layer {name}: its weight {tuple(shape)} has {cols} inputs per output "

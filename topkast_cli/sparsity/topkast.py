@@ -3,12 +3,15 @@ top-D |θ| and a larger backward set B ⊇ A that lets candidates earn their way
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import UserError
 from .base import SparseLayer, SparsityMethod
+from .powerprop import check_power
 from .schedule import MaskSchedule
-from .structure import structure_from_config
+from .structure import in_stored_layout, structure_from_config
 
 
 class TopKAST(SparsityMethod):
@@ -23,6 +26,12 @@ class TopKAST(SparsityMethod):
     - after `exploration_steps` steps (a count, or a fraction of the run; null: never) the
       masks lock: A is fixed, B = A (refinement). The lock is part of the method's state
       (a resumed run stays locked even if exploration_steps changed).
+
+    Options for sparse layers that learn slowly (all off by default): `powerprop` p, the layer
+    computes with θ·|θ|^(p−1) (`powerprop`); `alpha_scale`, a factor on the initial weights
+    ("rms": `base.initial_scale`); `lr_scale`, a factor on the sparse layers' learning rate
+    ("density": `base.layer_lr_scale`). They must match on resume: θ means another thing
+    under another p, and a checkpoint's optimizer holds its learning rates.
     """
 
     name = "topkast"
@@ -31,7 +40,7 @@ class TopKAST(SparsityMethod):
     # recomputed from |θ|, and the lock is kept in the checkpoint: both may change on resume.
     resume_may_change = ("refresh_interval", "exploration_steps", "keep_units", *SparsityMethod.resume_may_change)
     # A checkpoint from before structured masks was unstructured.
-    added_keys = {"block": [1, 1], "pattern": "block", "nm": None}
+    added_keys = {"block": [1, 1], "pattern": "block", "nm": None, "powerprop": 1, "alpha_scale": None, "lr_scale": None}
 
     def __init__(
         self,
@@ -44,6 +53,9 @@ class TopKAST(SparsityMethod):
         block=(1, 1),
         pattern: str = "block",
         nm=None,
+        powerprop: float = 1.0,
+        alpha_scale: str | float | None = None,
+        lr_scale: str | float | None = None,
         **selection,
     ):
         structure, forward, effective_backward = structure_from_config(
@@ -59,6 +71,9 @@ class TopKAST(SparsityMethod):
             raise UserError(f"sparsity.keep_units={keep_units!r} must be true or false")
         # every output unit keeps its largest weight in A (and so in B): no unit is cut off
         self.keep_units = keep_units
+        self.powerprop = check_power(powerprop)
+        self.alpha_scale = _check_scale("sparsity.alpha_scale", alpha_scale, "rms")
+        self.lr_scale = _check_scale("sparsity.lr_scale", lr_scale, "density")
         # Refresh every `refresh_interval` steps; at the end of exploration lock (with one
         # last refresh, B = A).
         self.schedule = MaskSchedule(
@@ -82,7 +97,14 @@ class TopKAST(SparsityMethod):
     def _top(self, layer: SparseLayer):
         # Locked: B = A, one mask.
         k_backward = layer.k_forward if self.locked else layer.k_backward
-        return self.structure.masks(layer.theta.detach(), layer.k_forward, k_backward, every_row=self.keep_units)
+
+        def choose(matrix):
+            return self.structure.masks(matrix, layer.k_forward, k_backward, every_row=self.keep_units)
+
+        # Single weights by |θ| have no layout; blocks, N:M groups and kept units are chosen
+        # on the out x in matrix, which a weight stored (in, out) is not.
+        by_matrix = layer.transposed and (not self.structure.unstructured or self.keep_units)
+        return in_stored_layout(choose, layer.theta.detach(), by_matrix)
 
     def regularizer_weights(self, layer):
         # s = 1 on A, 1/D on B \ A: candidates pay more to stay, so only those whose gradient
@@ -107,3 +129,12 @@ class TopKAST(SparsityMethod):
 
     def load_extra_state(self, state: dict) -> None:
         self.locked = bool(state.get("locked", self.locked))
+
+
+def _check_scale(key: str, value, word: str) -> str | float | None:
+    """null, `word`, or a number > 0."""
+    if value is None or value == word:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{key}={value!r} must be null, {word} or a number > 0")
+    return float(value)
