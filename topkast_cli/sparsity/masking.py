@@ -7,7 +7,9 @@ own forward, attention blocks that read `out_proj.weight`, tied embeddings) sees
 α = θ ⊙ 1_A, while θ stays the stored parameter.
 
 The masks are stored here, once, as bool tensors (one byte per weight; B = A is one shared
-tensor). Only their owner, `base.SparseLayer`, reads or changes them: everything else asks
+tensor). Between steps the training pass also keeps α's buffer and the regulariser's factor,
+float tensors of θ's shape derived from them, so a step makes no layer-sized tensor of its
+own (see `MaskedWeight.__init__`). Only their owner, `base.SparseLayer`, reads or changes them: everything else asks
 the layer. This is the `masked` backend; `sparse_linear.SparseLinearWeight` is the `sparse`
 one. Both are compute sides with the same interface (`backend`, `trained`, `install`, `sync`,
 `reload`, `regularize`, `decay`, `to_dense` / `from_dense`, `pass_dense_gradient`, `detach`), so the
