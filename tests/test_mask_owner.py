@@ -43,9 +43,13 @@ def test_masks_are_bool_stored_once_and_b_is_a_when_equal(name, backend):
             # What the layer reads is what the compute side uses, not a copy.
             assert layer.forward is side.forward_mask and layer.backward is side.backward_mask
             # At most one byte per weight per mask, nothing else of θ's size held (the sparse
-            # backend also holds B's values, the tensor the optimizer trains, |B| long).
-            held = {t.data_ptr(): t for t in tensors_of(side) if t is not layer.trained}
+            # backend also holds B's values, the tensor the optimizer trains, |B| long) but
+            # what the masked backend declares it reuses between steps: α's buffer and the
+            # regulariser's factor, never a copy of a mask.
+            cache = {t.data_ptr() for t in side.held().get("cache", [])}
+            held = {t.data_ptr(): t for t in tensors_of(side) if t is not layer.trained and t.data_ptr() not in cache}
             assert all(t.dtype == torch.bool for t in held.values()) and len(held) <= 2
+            assert len(cache) <= 2 and not cache & {layer.forward.data_ptr(), layer.backward.data_ptr()}
             assert layer.trained.numel() == (layer.numel if backend == "masked" else int(layer.backward.sum()))
             if torch.equal(layer.forward, layer.backward):
                 assert layer.backward is layer.forward, "B = A is one tensor"

@@ -116,3 +116,55 @@ def test_dense_evaluation_switch(backend):
     assert torch.equal(model(x), reference(x))
     method.use_dense_weights(False)
     assert not torch.equal(model(x), reference(x))
+
+
+def test_masked_caches_follow_the_masks_across_refreshes():
+    """The masked backend reuses α's buffer and keeps the regulariser's factor between mask
+    changes: after each refresh both follow the new masks, exactly as computed afresh."""
+    model = small_net()
+    method = TopKAST(0.8, 0.5, refresh_interval=2, regularization=0.1, dense_first=False).attach(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
+    refreshes = 0
+    for i in range(6):
+        method.before_forward(i)
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        plain = [layer.theta.grad.clone() for layer in method.layers]
+        method.after_backward(i)
+        for layer, g in zip(method.layers, plain):
+            theta, a, b = layer.theta.detach(), layer.forward, layer.backward
+            assert torch.equal(g[~b], torch.zeros_like(g[~b]))
+            on_a, on_b = 0.1 * (1 - 1 / layer.density), 0.1 / layer.density  # λ·(a, b)
+            factor = torch.where(b, on_b, 0.0).masked_fill_(a, on_a + on_b)  # from this step's masks
+            assert torch.equal(layer.theta.grad, g.addcmul(theta, factor))
+            with torch.no_grad():  # (evaluation gets a fresh α)
+                assert torch.equal(layer.module.weight, torch.where(a, theta, 0))
+        before = [l.theta.detach().clone() for l in method.layers]
+        masks = [l.backward.clone() for l in method.layers]
+        method.before_step(i, optimizer)
+        optimizer.step()
+        refreshes += method.after_step(i + 1, optimizer)
+        for layer, theta, b in zip(method.layers, before, masks):
+            assert torch.equal(layer.theta.detach()[~b], theta[~b]), f"step {i}: {layer.name} moved outside B"
+        for layer in method.layers:  # the training forward (α's buffer) computes with the new A
+            assert torch.equal(layer.module.weight.detach(), torch.where(layer.forward, layer.theta.detach(), 0))
+    assert refreshes >= 2
+
+
+def test_alpha_held_elsewhere_is_never_overwritten():
+    """A weight read twice in one pass (tied weights) or kept by the caller gets its own α:
+    the buffer is written only when nothing holds the α handed out before."""
+    model = small_net()
+    method = attach(model)
+    layer = method.layers[-1]
+    first = layer.module.weight
+    kept = first.detach().clone()
+    with torch.no_grad():
+        layer.theta.add_(1.0)
+    second = layer.module.weight
+    assert second.data_ptr() != first.data_ptr() and torch.equal(first, kept)
+    x = torch.randn(2, 8 * 6 * 6)
+    (F.linear(x, first).sum() + F.linear(x, second).sum()).backward()  # both graphs intact
+    grad = layer.theta.grad
+    assert torch.equal(grad[~layer.backward], torch.zeros_like(grad[~layer.backward]))

@@ -7,7 +7,9 @@ own forward, attention blocks that read `out_proj.weight`, tied embeddings) sees
 α = θ ⊙ 1_A, while θ stays the stored parameter.
 
 The masks are stored here, once, as bool tensors (one byte per weight; B = A is one shared
-tensor). Only their owner, `base.SparseLayer`, reads or changes them: everything else asks
+tensor). Between steps the training pass also keeps α's buffer and the regulariser's factor,
+float tensors of θ's shape derived from them, so a step makes no layer-sized tensor of its
+own (see `MaskedWeight.__init__`). Only their owner, `base.SparseLayer`, reads or changes them: everything else asks
 the layer. This is the `masked` backend; `sparse_linear.SparseLinearWeight` is the `sparse`
 one. Both are compute sides with the same interface (`backend`, `trained`, `install`, `sync`,
 `reload`, `regularize`, `decay`, `to_dense` / `from_dense`, `pass_dense_gradient`, `detach`), so the
@@ -17,6 +19,7 @@ owner swaps them per layer without the methods or the trainer knowing.
 from __future__ import annotations
 
 import re
+import weakref
 
 import torch
 from torch import nn
@@ -33,21 +36,32 @@ class _MaskedWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta, forward_mask, backward_mask):
+    def forward(ctx, theta, forward_mask, backward_mask, out=None):
         ctx.save_for_backward(backward_mask)
-        return torch.where(forward_mask, theta, 0)
+        if out is None:
+            return torch.where(forward_mask, theta, 0)
+        # α written into the owner's buffer; handed out as its own tensor so that the owner
+        # can tell, by a weak reference, when nothing holds it any more.
+        return torch.where(forward_mask, theta, theta.new_zeros(()), out=out).detach()
 
     @staticmethod
     def backward(ctx, grad):
         (backward_mask,) = ctx.saved_tensors
         if backward_mask is None:
-            return grad, None, None
-        return torch.where(backward_mask, grad, 0), None, None
+            return grad, None, None, None
+        if grad.is_contiguous() and not grad.requires_grad:
+            # In place: the layer's own op (linear, convolution, embedding) made this weight
+            # gradient for α alone, so no other node sees it; a second layer-sized tensor
+            # per step is what made the masked backend slow.
+            return torch.where(backward_mask, grad, grad.new_zeros(()), out=grad), None, None, None
+        return torch.where(backward_mask, grad, 0), None, None, None
 
 
-def masked_weight(theta: torch.Tensor, forward_mask: torch.Tensor, backward_mask: torch.Tensor | None):
-    """α = θ ⊙ 1_A with gradient g ⊙ 1_B (bool masks; backward_mask None: the dense gradient)."""
-    return _MaskedWeight.apply(theta, forward_mask, backward_mask)
+def masked_weight(theta: torch.Tensor, forward_mask: torch.Tensor, backward_mask: torch.Tensor | None,
+                  out: torch.Tensor | None = None):
+    """α = θ ⊙ 1_A with gradient g ⊙ 1_B (bool masks; backward_mask None: the dense gradient),
+    written into `out` when given (a buffer of θ's shape that nothing else holds)."""
+    return _MaskedWeight.apply(theta, forward_mask, backward_mask, out)
 
 
 def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, where: torch.Tensor) -> None:
@@ -76,6 +90,14 @@ class MaskedWeight(nn.Module):
         self.dense_gradient = False  # let every entry's gradient through (RigL's capture)
         self.use_dense = False  # compute with the dense θ (eval.dense=true)
         self.power = 1.0  # Powerpropagation's p (1: off)
+        # Reused between steps, so a training step makes no layer-sized tensor here: α's
+        # buffer (with a weak reference to the α last handed out: the buffer is written again
+        # only once that is gone), and the regulariser's per-entry factor, which depends on
+        # the masks alone (dropped when they change).
+        self._alpha: torch.Tensor | None = None
+        self._alpha_out: weakref.ref | None = None
+        self._factor: torch.Tensor | None = None
+        self._factor_key = None
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         # The power before the mask: B \ A then gets ∂L/∂w·p|θ|^(p−1), where after it (0's
@@ -83,7 +105,26 @@ class MaskedWeight(nn.Module):
         w = powerprop.weight(theta, self.power)
         if self.use_dense:
             return w
-        return masked_weight(w, self.forward_mask, None if self.dense_gradient else self.backward_mask)
+        backward = None if self.dense_gradient else self.backward_mask
+        out = self._alpha_buffer(w)
+        alpha = masked_weight(w, self.forward_mask, backward, out)
+        if out is not None:
+            self._alpha_out = weakref.ref(alpha)
+        return alpha
+
+    def _alpha_buffer(self, w: torch.Tensor) -> torch.Tensor | None:
+        """The buffer for α in a training forward pass, or None (a fresh α): without gradient
+        (evaluation, inspection) α is never a buffer that a later step overwrites; a layer read
+        twice in one pass (tied weights) gets a fresh α while the first is alive; θ in another
+        memory format (channels-last convolutions) keeps the plain path. `w`: θ, or its power."""
+        if not (torch.is_grad_enabled() and w.requires_grad and w.is_contiguous()):
+            return None
+        if self._alpha_out is not None and self._alpha_out() is not None:
+            return None
+        buffer = self._alpha
+        if buffer is None or buffer.shape != w.shape or buffer.dtype != w.dtype or buffer.device != w.device:
+            self._alpha = buffer = torch.empty_like(w, memory_format=torch.contiguous_format)
+        return buffer
 
     # The compute-side interface (see the module docstring); θ is the layer's parameter.
     def trained(self, theta: nn.Parameter) -> nn.Parameter:
@@ -94,18 +135,26 @@ class MaskedWeight(nn.Module):
         """New masks; entries leaving B lose their optimizer state, so they freeze."""
         zero_optimizer_state(optimizer, theta, self.backward_mask & ~backward)
         self.forward_mask, self.backward_mask = forward, backward
+        self._factor = self._factor_key = None  # made from the old masks
 
     def sync(self, theta) -> None:
         """θ is always current here."""
 
     def reload(self, theta) -> None:
-        """θ was written from outside: nothing is held apart from it."""
+        """θ was written from outside: nothing is held apart from it (the cached factor
+        depends on the masks alone; it is dropped anyway, as the masks come next)."""
+        self._factor = self._factor_key = None
 
     def _per_entry(self, theta, on_a: float, on_b: float, outside: float) -> torch.Tensor:
         """A float tensor of θ's shape: on_a on A, on_b on B \\ A, outside elsewhere. Built from
-        the bool masks in place (multiplying by a bool tensor would first copy it to float)."""
-        values = torch.where(self.backward_mask, on_b, outside).to(theta.dtype)
-        return values.masked_fill_(self.forward_mask, on_a)
+        the bool masks in place (multiplying by a bool tensor would first copy it to float), and
+        kept until the masks or the values change (a constant λ: once per refresh)."""
+        key = (on_a, on_b, outside, theta.dtype, theta.device)
+        if self._factor_key != key:
+            self._factor = None  # not two at once
+            values = torch.where(self.backward_mask, on_b, outside).to(theta.dtype)
+            self._factor, self._factor_key = values.masked_fill_(self.forward_mask, on_a), key
+        return self._factor
 
     @torch.no_grad()
     def regularize(self, theta, a: float, b: float) -> None:
@@ -134,7 +183,8 @@ class MaskedWeight(nn.Module):
 
     def held(self) -> dict[str, list[torch.Tensor]]:
         """The tensors this compute side holds, by kind (for memory accounting)."""
-        return {"masks": [self.forward_mask, self.backward_mask]}
+        cached = [t for t in (self._alpha, self._factor) if t is not None]
+        return {"masks": [self.forward_mask, self.backward_mask], "cache": cached}
 
     def detach(self, module: nn.Module) -> None:
         """Leave `module` with θ as its plain weight."""
