@@ -168,3 +168,20 @@ def test_alpha_held_elsewhere_is_never_overwritten():
     (F.linear(x, first).sum() + F.linear(x, second).sum()).backward()  # both graphs intact
     grad = layer.theta.grad
     assert torch.equal(grad[~layer.backward], torch.zeros_like(grad[~layer.backward]))
+
+
+def test_gradient_masking_leaves_a_shared_gradient_whole():
+    """α read together with another parameter (α + W): autograd hands both the same gradient
+    tensor, so masking α's must not touch W's."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4, bias=False)
+    extra = nn.Parameter(torch.zeros(4, 6))
+    method = attach(nn.Sequential(layer))
+    x = torch.randn(3, 6)
+    other = extra * 1.0  # (made before α: autograd reaches α's node first)
+    (F.linear(x, other + layer.weight) ** 2).sum().backward()
+    sparse = method.layers[0]
+    w = (layer.weight.detach() + extra.detach()).requires_grad_()
+    (F.linear(x, w) ** 2).sum().backward()
+    assert torch.equal(extra.grad, w.grad)  # whole: W's gradient is not masked by B
+    assert torch.equal(sparse.theta.grad, torch.where(sparse.backward, w.grad, 0))

@@ -49,11 +49,8 @@ class _MaskedWeight(torch.autograd.Function):
         (backward_mask,) = ctx.saved_tensors
         if backward_mask is None:
             return grad, None, None, None
-        if grad.is_contiguous() and not grad.requires_grad:
-            # In place: the layer's own op (linear, convolution, embedding) made this weight
-            # gradient for α alone, so no other node sees it; a second layer-sized tensor
-            # per step is what made the masked backend slow.
-            return torch.where(backward_mask, grad, grad.new_zeros(()), out=grad), None, None, None
+        # Never in place: an op that reads α with another tensor (α + W, a custom model's
+        # sum) hands both the same gradient tensor, whose other reader must see it whole.
         return torch.where(backward_mask, grad, 0), None, None, None
 
 
