@@ -73,9 +73,11 @@ def settings(forward: float, backward: float, extra: list[str], refresh: int = N
 
 
 def block_settings(forward: float, backward: float, extra: list[str], refresh: int = NEVER) -> dict[str, list[str]]:
-    """Dense, the sparse backend unstructured (CSR), and on each of `BLOCKS` (BSR)."""
+    """Dense, the masked and the sparse backend unstructured (CSR), and the sparse one on each of
+    `BLOCKS` (BSR)."""
     plain = settings(forward, backward, extra, refresh)
-    out = {"dense": plain["dense"], "sparse, unstructured (CSR)": plain["sparse"]}
+    out = {"dense": plain["dense"], "masked, unstructured (the default backend)": plain["masked"],
+           "sparse, unstructured (CSR)": plain["sparse"]}
     for b in BLOCKS:
         out[f"sparse, {b}x{b} blocks (BSR)"] = [*plain["sparse"], f"sparsity.block=[{b},{b}]", *BLOCK_EXTRA]
     return out
@@ -293,3 +295,22 @@ def conv_table(quick: bool) -> list[str]:
             dense, sparse = _best_interleaved([lambda: F.conv2d(x, weight, padding=1), im2col], repeats)
             lines.append(f"| 3x3 {c_in}->{c_out} | {n}x{c_in}x{side}x{side} | {label} | {sparse / dense:.2f} |")
     return lines
+
+
+def blocks_main(out: Path, quick: bool = False) -> Path:
+    """Only the block rows (`python -m bench.backends --blocks`), in their own file."""
+    lines = [header("Backends: block sizes on the sparse backend, relative to dense"), *block_table(quick)]
+    return write(out, "backends_blocks.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from .common import RESULTS
+
+    parser = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", action="store_true", help="only the block rows (backends_blocks.md)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    (blocks_main if args.blocks else main)(args.out, quick=args.quick)
