@@ -193,3 +193,26 @@ OPTIMIZERS = {
     "sgd_momentum_wd": lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01),
     "adamw": lambda groups: torch.optim.AdamW(groups, lr=0.05, weight_decay=0.1),
 }
+
+
+def split_run_matches(tmp_path: Path, common: list[str], stop_at: int) -> tuple[dict, dict, list]:
+    """Train `common` straight, and again stopped at step `stop_at` and resumed: the two final
+    checkpoints hold the same weights and masks (A and B) and the runs logged the same metrics.
+    Returns both checkpoints and the metrics."""
+    from topkast_cli.checkpoint import load_checkpoint
+    from topkast_cli.commands.train import train
+    from topkast_cli.run_logs import read_jsonl
+
+    train(make_config(common), tmp_path / "straight")
+    train(make_config([*common, f"trainer.max_steps={stop_at}"]), tmp_path / "split")
+    train(make_config([*common, "resume=auto"]), tmp_path / "split")
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["masks"]:
+        assert torch.equal(a["masks"][key]["forward"], b["masks"][key]["forward"]), key
+        assert torch.equal(a["masks"][key]["backward"], b["masks"][key]["backward"]), key
+    metrics = [read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("straight", "split")]
+    assert metrics[0] == metrics[1]
+    return a, b, metrics[0]

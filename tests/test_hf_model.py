@@ -17,7 +17,7 @@ pytest.importorskip("transformers", reason="the HF model needs the optional extr
 from transformers import GPT2LMHeadModel  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-from conftest import make_config  # noqa: E402
+from conftest import make_config, split_run_matches  # noqa: E402
 from test_export import export_config  # noqa: E402
 from test_hf_optional import hf_overrides  # noqa: E402
 from test_interrupt import read_jsonl  # noqa: E402
@@ -229,16 +229,4 @@ def test_export_loads_into_our_model_and_into_gpt2lmheadmodel(run):
 
 
 def test_resume_is_exact(tmp_path):
-    common = [*hf_overrides(write_text(tmp_path / "t.txt")), *RUN, "sparsity.backend=sparse"]
-    train(make_config(common), tmp_path / "straight")
-    train(make_config([*common, "trainer.max_steps=6"]), tmp_path / "split")
-    train(make_config([*common, "resume=auto"]), tmp_path / "split")
-    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["masks"]:
-        assert torch.equal(a["masks"][key]["forward"], b["masks"][key]["forward"]), key
-        assert torch.equal(a["masks"][key]["backward"], b["masks"][key]["backward"]), key
-    metrics = [read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("straight", "split")]
-    assert metrics[0] == metrics[1]
+    split_run_matches(tmp_path, [*hf_overrides(write_text(tmp_path / "t.txt")), *RUN, "sparsity.backend=sparse"], 6)

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import BACKENDS, OPTIMIZERS, TINY, batch, make_config, net, state_of, step
+from conftest import BACKENDS, OPTIMIZERS, TINY, batch, make_config, net, split_run_matches, state_of, step
 from test_eval import eval_config
-from topkast_cli.checkpoint import load_checkpoint
 from topkast_cli.errors import UserError
 from topkast_cli.evaluate import evaluate_checkpoint
 from topkast_cli.run_logs import read_jsonl
@@ -209,17 +208,7 @@ def test_resume_is_exact(tmp_path, name):
     common = [*tiny, f"sparsity={name}", *RESUME[name], "trainer.deterministic=true", "trainer.max_steps=24",
               "trainer.eval_every=4", "trainer.checkpoint_every=4", "optimizer=sgd", "optimizer.lr=0.05",
               "trainer.tensorboard=false"]
-    train(make_config(common), tmp_path / "straight")
-    train(make_config([*common, "trainer.max_steps=12"]), tmp_path / "split")  # stops at an update step
-    train(make_config([*common, "resume=auto"]), tmp_path / "split")
-    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["masks"]:
-        assert torch.equal(a["masks"][key]["forward"], b["masks"][key]["forward"]), key
-    metrics = [read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("straight", "split")]
-    assert metrics[0] == metrics[1]
+    split_run_matches(tmp_path, common, 12)  # (stopped at an update step)
     churn = [r["layers"] for r in read_jsonl(tmp_path / "straight" / "sparsity.jsonl") if r["step"] > 0]
     assert name == "static" or any(l["churn"] > 0 for r in churn for l in r.values()), "masks should move"
 

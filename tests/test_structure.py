@@ -6,7 +6,6 @@ export, old checkpoints, and the values refused."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
