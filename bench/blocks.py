@@ -140,6 +140,7 @@ def report(r: suite.Results, tasks: list[str], times: dict[str, float | None], o
         text += (f"\nAim: 4x4 blocks within 1.5 points of unstructured on the default task: {g[0] - g[1]:+.1f}, "
                  f"{'met' if g[0] - g[1] <= 1.5 else 'missed'}.\n")
     text += "\n![gap to dense against step time](blocks.png)\n"
+    out.mkdir(parents=True, exist_ok=True)
     plot(r, tasks, times, out / "blocks.png")
     return write(out, "blocks.md", text)
 

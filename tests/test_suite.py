@@ -38,6 +38,9 @@ def test_every_setting_composes_and_sets_what_it_names(tmp_path):
         for override in extra:
             key, value = override.split("=", 1)
             got = OmegaConf.select(cfg, key)
+            if value.startswith("["):  # a list of names
+                assert list(got) == value.strip("[]").split(","), (setting, override)
+                continue
             assert (got is None and value == "null") or str(got) == value or float(got) == float(value), (setting, override)
 
 
