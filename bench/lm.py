@@ -79,6 +79,9 @@ ROWS: dict[str, Row] = {
     "topkast80_w272": Row("Top-KAST 80/60, width 272", _topkast(0.8, 0.6), 272, 8),
     "topkast90_w384": Row("Top-KAST 90/80, width 384", _topkast(0.9, 0.8), 384, 12),
     "dense_w64": Row("dense, width 64", ("sparsity=dense",), 64, 2),
+    # the option that won the accuracy suite's LM (suite_settings.md): per-layer lr x 1/density
+    "topkast80_lr": Row("Top-KAST 80/60, lr_scale=density", (*_topkast(0.8, 0.6), "sparsity.lr_scale=density")),
+    "topkast90_lr": Row("Top-KAST 90/80, lr_scale=density", (*_topkast(0.9, 0.8), "sparsity.lr_scale=density")),
 }
 QUICK_ROWS = ("dense", "topkast80", "topkast80_w272")
 
