@@ -146,12 +146,12 @@ def report(r: suite.Results, tasks: list[str], times: dict[str, float | None], o
 
 
 def main(out: Path = RESULTS, quick: bool = False, jobs_at_once: int = 2, runs: Path | None = None, seeds=suite.SEEDS,
-         tasks: list[str] | None = None, timing: bool = True) -> Path:
+         tasks: list[str] | None = None, timing: bool = True, run: bool = True) -> Path:
     tasks = tasks or [t for t in TASKS if suite.task_named(t).available()]
     if quick:
         tasks, seeds = tasks[:2], (0,)
     root = runs or (out / "runs" / "blocks" if quick else Path("runs") / "blocks")
-    r = suite.Results(suite.run_all(jobs(root, tasks, seeds, quick), jobs_at_once))
+    r = suite.Results(suite.run_all(jobs(root, tasks, seeds, quick), jobs_at_once, run))
     times = step_times(quick) if timing else {}
     return report(r, tasks, times, out, seeds, quick)
 
@@ -165,13 +165,14 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs") / "blocks", help="where the runs go")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-timing", action="store_true", help="leave out the step-time measurement")
+    parser.add_argument("--no-run", action="store_true", help="only tabulate the runs that exist")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t] or None
     unknown = [t for t in tasks or [] if t not in TASKS]
     if unknown:
         parser.error(f"unknown tasks: {', '.join(unknown)}; tasks: {', '.join(TASKS)}")
     main(args.out, args.quick, args.jobs, None if args.quick else args.runs, tuple(int(s) for s in args.seeds.split(",")),
-         tasks, not args.no_timing)
+         tasks, not args.no_timing, not args.no_run)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,14 @@ def test_quick_blocks_bench_compares_block_sizes_on_the_default_task(tmp_path):
     assert "Machine:" in text and "| default_task_c32 |" in text and "| 4x4 | 0.40 |" in text
     assert "Aim: 4x4 blocks within 1.5 points of unstructured on the default task:" in text
     assert (tmp_path / "blocks.png").stat().st_size > 0
+
+
+def test_gpu_structured_rows_run_their_code_on_the_cpu():
+    """The GPU bench's 1x1-convolution and 2:4 rows, on the CPU with tiny sizes (a CUDA device
+    runs the same code; its block rows are `backends.block_table`, tested above; without a
+    device `python -m bench gpu` is skipped)."""
+    from bench import gpu
+
+    text = "\n".join(gpu.pointwise_blocks(quick=True, device="cpu") + gpu.semi_structured(quick=True, device="cpu"))
+    assert "| 1x1 64->256 | 8x64x56x56 |" in text and "| unstructured | 8x8 |" in text
+    assert "| float16 | unavailable:" in text  # torch's semi-structured kernels are CUDA-only
