@@ -142,6 +142,21 @@ def collect(root: Path, rows=ROWS) -> dict[str, Stats]:
     return out
 
 
+def unfinished(root: Path, rows=ROWS) -> dict[str, dict[int, float]]:
+    """The val curves of runs without a finished summary, by "row, seed N"."""
+    out = {}
+    for name in rows:
+        for run_dir in sorted((root / name).glob("seed*")):
+            summary = run_dir / "summary.json"
+            if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+                continue
+            log = run_dir / "metrics.jsonl"
+            curve = {r["step"]: r["bpc"] for r in (read_jsonl(log) if log.is_file() else []) if r.get("split") == "val"}
+            if curve:
+                out[f"{ROWS[name].label}, {run_dir.name.replace('seed', 'seed ')}"] = curve
+    return out
+
+
 # ------------------------------------------------------------------ targets
 def targets(stats: dict[str, Stats]) -> list[tuple[str, str, str]]:
     """The issue's targets as (target, measured, met | missed | not run)."""
@@ -272,6 +287,17 @@ def report(root: Path, out: Path, quick: bool) -> Path:
 
     text += "\n## Targets (equal steps)\n\n| target | measured | |\n|---|---|---|\n"
     text += "".join(f"| {t} | {m} | {status} |\n" for t, m, status in targets(stats))
+
+    partial = unfinished(root)
+    if partial:
+        steps_seen = sorted({step for c in partial.values() for step in c})
+        text += ("\n## Runs that did not finish (stopped, or still running)\n\nVal bpc at the steps they reached, "
+                 "beside dense's at the same step: no final value, so no row above and no target.\n\n"
+                 "| run | " + " | ".join(map(str, steps_seen)) + " |\n|---|" + "---|" * len(steps_seen) + "\n")
+        if dense is not None:
+            text += "| dense (mean) | " + " | ".join(f"{dense.curve[k]:.3f}" if k in dense.curve else "-" for k in steps_seen) + " |\n"
+        for label, c in partial.items():
+            text += f"| {label} | " + " | ".join(f"{c[k]:.3f}" if k in c else "-" for k in steps_seen) + " |\n"
 
     curve_steps = sorted({step for s in stats.values() for step in s.curve})
     if curve_steps:

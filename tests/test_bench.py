@@ -164,3 +164,18 @@ def test_gpu_structured_rows_run_their_code_on_the_cpu():
     text = "\n".join(gpu.pointwise_blocks(quick=True, device="cpu") + gpu.semi_structured(quick=True, device="cpu"))
     assert "| 1x1 64->256 | 8x64x56x56 |" in text and "| unstructured | 8x8 |" in text
     assert "| float16 | unavailable:" in text  # torch's semi-structured kernels are CUDA-only
+
+
+def test_lm_bench_shows_the_curve_of_a_run_that_did_not_finish(tmp_path):
+    import json as _json
+
+    from bench import lm
+
+    run = tmp_path / "topkast80_w272" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in (
+        {"step": 200, "split": "val", "bpc": 3.5}, {"step": 200, "split": "train", "loss": 2.0},
+        {"step": 400, "split": "val", "bpc": 3.25})))
+    assert lm.unfinished(tmp_path) == {"Top-KAST 80/60, width 272, seed 0": {200: 3.5, 400: 3.25}}
+    (run / "summary.json").write_text(_json.dumps({"status": "completed"}))
+    assert lm.unfinished(tmp_path) == {}
