@@ -1,19 +1,25 @@
 """The user's manual: the configuration reference lists exactly the keys of the config files,
 each with a meaning; the site builds with --strict (no broken link, page or anchor) and
-without the network; the README's links lead somewhere."""
+without the network; the README's links lead somewhere; and every command of Getting started
+runs, on data made here."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import run_topkast
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "topkast_cli" / "conf"
@@ -132,3 +138,86 @@ def test_readme_links_lead_somewhere():
         if re.match(r"[a-z]+://", target) or target.startswith("#"):
             continue
         assert (ROOT / target.split("#")[0]).exists(), f"README links to {target}, which does not exist"
+
+
+# ------------------------------------------------------------------- Getting started, run
+# Every command in a ```bash block of the page is run, in order, in one directory, as a new
+# user would; training commands get fewer steps. Anything the test cannot run fails it.
+SHORT = ["trainer.max_steps=10", "trainer.eval_every=null", "trainer.checkpoint_every=null",
+         "trainer.log_every=5", "trainer.progress=false", "trainer.threads=1"]
+SMALL_MNIST1D = ["dataset.num_samples=1000"]  # the default dataset, smaller
+
+
+def page_commands(path: Path) -> list[str]:
+    commands, inside = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            inside = line.strip() == "```bash"
+            continue
+        if inside and line.strip() and not line.lstrip().startswith("#"):
+            commands.append(line.strip())
+    return commands
+
+
+def make_recipe(target: str) -> str:
+    """The command a Makefile target runs (its one recipe line)."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"{target}:"))
+    return lines[start + 1].strip()
+
+
+def small_text(path: Path) -> None:
+    """A few kilobytes of English, made here."""
+    words = "the quick brown fox jumps over a lazy dog while seven wise owls watch from an old oak".split()
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + "." for i in range(400)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def tensorboard_serves(args: list[str], cwd: Path) -> dict:
+    """Start the page's tensorboard command on a free local port; the scalar tags it serves."""
+    command = [str(Path(sys.executable).parent / "tensorboard"), *args, "--port", "0", "--host", "127.0.0.1"]
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        deadline = time.time() + 120
+        while url is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "tensorboard exited"
+            m = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+            url = m[1] if m else None
+        assert url, "tensorboard did not say where it serves"
+        while time.time() < deadline:
+            with urllib.request.urlopen(f"{url}/data/plugin/scalars/tags", timeout=10) as r:
+                tags = json.load(r)
+            if tags:
+                return tags
+            time.sleep(0.5)
+        raise AssertionError("tensorboard served no runs")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_getting_started_commands_run(tmp_path):
+    commands = page_commands(DOCS / "getting-started.md")
+    assert commands, "Getting started shows no command"
+    small_text(tmp_path / "input.txt")
+    for command in commands:
+        args = shlex.split(command)
+        if args == ["make", "run"]:
+            assert make_recipe("run") == "$(BIN)/topkast train", "make run no longer runs topkast train"
+            args = ["topkast", "train"]
+        if args[0] == "tensorboard":
+            tags = tensorboard_serves(args[1:], tmp_path)
+            assert any("val/acc1" in run_tags for run_tags in tags.values()), tags
+            continue
+        assert args[0] == "topkast", f"Getting started shows a command the test cannot run: {command}"
+        runs = sorted((tmp_path / "runs" / "train").glob("*"))
+        args = [a.replace("<run>", runs[0].name) if runs else a for a in args[1:]]
+        if args[0] in ("train", "sweep"):
+            args += SHORT + ([] if any(a.startswith("dataset=") for a in args) else SMALL_MNIST1D)
+        done = run_topkast(args, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, f"{command}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    # What the page says they write is there.
+    assert list((tmp_path / "runs" / "train").glob("*/checkpoints/best.eval.json"))
+    assert list((tmp_path / "runs" / "sweep").glob("*/summary.md"))
