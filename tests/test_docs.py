@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -102,7 +103,7 @@ def test_a_key_without_a_comment_is_listed_without_a_meaning(tmp_path, monkeypat
     """The check above can fail: a new key without a comment gives an empty meaning."""
     ref = config_reference()
     conf = tmp_path / "conf"
-    subprocess.run(["cp", "-r", str(CONF), str(conf)], check=True)
+    shutil.copytree(CONF, conf)
     with open(conf / "trainer" / "default.yaml", "a") as f:
         f.write("new_key: 3\n")
     monkeypatch.setattr(ref, "CONF", conf)
