@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow bench clean
+.PHONY: install run test test-slow bench docs docs-serve clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,5 +27,12 @@ test-slow: $(STAMP)  ## also the long checks
 bench: $(STAMP)  ## benchmarks, results in bench/results/
 	$(BIN)/python -m bench
 
+# NO_MKDOCS_2_WARNING: the Material theme's banner about MkDocs 2, which says nothing about this site.
+docs: $(STAMP)  ## the user's manual, built into site/; a broken link, page or anchor fails it
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)  ## the manual at http://127.0.0.1:8000, rebuilt as you edit
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info
